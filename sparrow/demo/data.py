@@ -1,0 +1,44 @@
+"""Demo examples: a scene rendered, round-tripped through H.264 like a real upload, plus one prompt.
+
+Training, evaluation and the draft's data generation all draw examples here, so the target sees
+at train time exactly the pixels PyAV gives at serving time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..video import decode, encode_mp4
+from .text import CAPTION_PROMPT, caption, sample_question
+from .world import Scene, blank_like, make_scene, render
+
+DEFAULT_FRAMES = 32
+DEFAULT_SIDE = 64
+
+
+@dataclass
+class Example:
+    scene: Scene
+    frames: np.ndarray  # [N, H, W, 3] uint8, decoded from mp4
+    prompt: str
+    answer: str
+    kind: str  # "caption" or a question kind
+
+
+def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAMES,
+                 side: int = DEFAULT_SIDE, blank: bool = False) -> Example:
+    """task: "caption", "question" or "mixed" (half each, chosen by the seed)."""
+    if task not in ("caption", "question", "mixed"):
+        raise ValueError(f"task must be caption, question or mixed, got {task!r}")
+    rng = np.random.default_rng([seed, 7])
+    scene = make_scene(seed)
+    frames = render(scene, num_frames, side, side)
+    if blank:
+        frames = blank_like(frames)
+    frames = decode(encode_mp4(frames))
+    if task == "caption" or (task == "mixed" and rng.random() < 0.5):
+        return Example(scene, frames, CAPTION_PROMPT, caption(scene), "caption")
+    qa = sample_question(scene, rng)
+    return Example(scene, frames, qa.question, qa.answer, qa.kind)

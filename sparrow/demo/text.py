@@ -1,0 +1,64 @@
+"""What is said about a demo scene: captions, questions and answers, all from its event log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .world import COLOURS, DIRECTIONS, KINDS, Scene
+
+NUMBERS = ("one", "two", "three", "four")
+CAPTION_PROMPT = "describe the video ."
+QUESTION_KINDS = ("colour_appear", "colour_end", "direction", "count", "first")
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str
+    question: str
+    answer: str
+
+
+def caption(scene: Scene) -> str:
+    """One clause per shape, in order of appearance: 'a red square appears and moves left , ...'."""
+    parts = []
+    for s in scene.shapes:
+        words = f"a {s.colour} {s.kind} appears and moves {s.direction}"
+        if s.new_colour is not None:
+            words += f" , then turns {s.new_colour}"
+        if s.disappear is not None:
+            words += " , then disappears"
+        parts.append(words + " .")
+    return " ".join(parts)
+
+
+def questions(scene: Scene) -> list[QA]:
+    """Every question the scene answers, one word each."""
+    out = [
+        QA("count", "how many shapes are there ?", NUMBERS[len(scene.shapes) - 1]),
+        QA("first", "which shape appears first ?", scene.shapes[0].kind),
+    ]
+    for s in scene.shapes:
+        out.append(QA("colour_appear", f"what colour is the {s.kind} when it appears ?", s.colour))
+        out.append(QA("colour_end", f"what colour is the {s.kind} at the end ?", s.final_colour))
+        out.append(QA("direction", f"which way does the {s.kind} move ?", s.direction))
+    return out
+
+
+def sample_question(scene: Scene, rng: np.random.Generator) -> QA:
+    """A question drawn with its kind uniform, so no kind dominates training or evaluation."""
+    qs = questions(scene)
+    kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
+    pool = [q for q in qs if q.kind == kind]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def vocabulary() -> list[str]:
+    """Every word the demo task can produce, in a fixed order (the tokenizer's ids follow it)."""
+    words = [".", ",", "?", "a", "and", "then", "the", "is", "it", "at", "end", "when", "what",
+             "which", "how", "many", "are", "there", "way", "does", "shape", "shapes", "first",
+             "colour", "appears", "moves", "move", "turns", "disappears", "describe", "video"]
+    words += list(KINDS) + list(COLOURS) + list(DIRECTIONS) + list(NUMBERS)
+    assert len(set(words)) == len(words), "duplicate word in the demo vocabulary"
+    return words
