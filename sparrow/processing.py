@@ -82,12 +82,12 @@ def patchify(frames: np.ndarray, spec: VisionSpec) -> VideoPatches:
                         num_tokens=gt * gh * gw // (m * m))
 
 
-def prompt_ids(tokenizer, prompt: str, num_video_tokens: int) -> list[int]:
+def prompt_ids(tokenizer, prompt: str, num_video_tokens: int, video_token_id: int | None = None) -> list[int]:
     """Chat-template a one-video user turn and expand the video placeholder to its token count."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    video = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    video = tokenizer.convert_tokens_to_ids("<|video_pad|>") if video_token_id is None else video_token_id
     if ids.count(video) != 1:
         raise ValueError("the chat template must place exactly one video placeholder")
     at = ids.index(video)

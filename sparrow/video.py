@@ -29,17 +29,23 @@ class UnsupportedVideoError(VideoError):
     """A container without a video stream, or a request this module cannot satisfy."""
 
 
-def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 12) -> bytes:
-    """Encode uint8 frames `[N, H, W, 3]` as an H.264 mp4 (even sizes; yuv420p like real footage)."""
+CODECS = {"mp4": ("libx264", {"preset": "veryfast"}), "webm": ("libvpx-vp9", {"b:v": "0"})}
+
+
+def encode(frames: np.ndarray, fmt: str = "mp4", fps: int = 8, crf: int = 12) -> bytes:
+    """Encode uint8 frames `[N, H, W, 3]` as H.264 mp4 or VP9 webm (even sizes; yuv420p like real footage)."""
     frames = _check_frames(frames)
+    if fmt not in CODECS:
+        raise UnsupportedVideoError(f"cannot encode {fmt!r}; supported: {sorted(CODECS)}")
     n, h, w, _ = frames.shape
     if h % 2 or w % 2:
-        raise UnsupportedVideoError(f"H.264 needs even frame sizes, got {h}x{w}")
+        raise UnsupportedVideoError(f"yuv420p needs even frame sizes, got {h}x{w}")
+    codec, options = CODECS[fmt]
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        stream.options = {"crf": str(crf), **options}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

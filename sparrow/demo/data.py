@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..video import decode, encode_mp4
+from ..video import decode, encode
 from .text import CAPTION_PROMPT, caption, sample_question
 from .world import Scene, blank_like, make_scene, render
 
@@ -37,7 +37,7 @@ def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAME
     frames = render(scene, num_frames, side, side)
     if blank:
         frames = blank_like(frames)
-    frames = decode(encode_mp4(frames))
+    frames = decode(encode(frames))
     if task == "caption" or (task == "mixed" and rng.random() < 0.5):
         return Example(scene, frames, CAPTION_PROMPT, caption(scene), "caption")
     qa = sample_question(scene, rng)

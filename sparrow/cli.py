@@ -1,0 +1,151 @@
+"""`sparrow`: one command line for the toolkit (demo data, training, evaluation, generation)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_arg(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: the embedded demo target)")
+
+
+def _load_target(model: str | None):
+    from .demo.model import DEMO_TARGET_DIR
+    from .target import Target
+
+    path = Path(model) if model else DEMO_TARGET_DIR
+    if model is None and not (path / "model.safetensors").is_file():
+        sys.exit(f"error: the embedded demo target is missing at {path}; "
+                 "run `sparrow train target --out sparrow/assets/demo_target`")
+    return Target.load(path)
+
+
+def cmd_demo_video(a):
+    from .demo.data import DEFAULT_FRAMES
+    from .demo.text import caption, questions
+    from .demo.world import frames_for_visual_tokens, make_scene, render
+    from .video import encode
+
+    frames, side = frames_for_visual_tokens(a.visual_tokens) if a.visual_tokens else (DEFAULT_FRAMES, a.side)
+    scene = make_scene(a.seed)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode(render(scene, frames, side, side)))
+    qs = questions(scene)
+    q = next((x for x in qs if x.kind == a.question_kind), qs[0])
+    meta = {"seed": a.seed, "num_frames": frames, "height": side, "width": side,
+            "visual_tokens": frames // 2 * (side // 16) ** 2, "caption": caption(scene),
+            "question": q.question, "answer": q.answer, "questions": [x.__dict__ for x in qs],
+            "scene": scene.to_json()}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    print(f"wrote {out} ({frames} frames, {side}x{side}, {meta['visual_tokens']} visual tokens) "
+          f"and {out.with_suffix('.json')}\nquestion: {q.question}  answer: {q.answer}")
+
+
+def cmd_train_target(a):
+    from .train_target import TargetTrainConfig, train_target
+
+    cfg = TargetTrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size)
+    rec = train_target(cfg, a.work_dir, a.out)
+    print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss")}))
+
+
+def cmd_eval_target(a):
+    from .evaluate import eval_target
+
+    target = _load_target(a.model)
+    res = eval_target(target.model, target.tokenizer, videos=a.videos, seed=a.seed)
+    if a.json:
+        print(json.dumps(res.to_json()))
+        return
+    print(f"videos: {res.videos}\nanswer accuracy: {res.accuracy:.1%} (bar: >= 90%)\n"
+          f"blank-frame accuracy: {res.blank_accuracy:.1%} (bar: < 40%)")
+    for k, v in res.by_kind.items():
+        print(f"  {k:14s} {v:.1%}")
+
+
+def cmd_generate(a):
+    from .generate import generate_ar
+    from .video import VideoError, decode
+
+    prompt = a.prompt
+    sidecar = Path(a.video).with_suffix(".json")
+    if prompt is None:
+        if not sidecar.is_file():
+            sys.exit("error: --prompt is required (no demo sidecar JSON next to the video)")
+        prompt = json.loads(sidecar.read_text())["question"]
+    try:
+        frames = decode(a.video, num_frames=a.num_frames)
+    except VideoError as e:
+        sys.exit(f"error: {e}")
+    target = _load_target(a.model)
+    res = generate_ar(target, frames, prompt, max_new_tokens=a.max_new_tokens,
+                      temperature=a.temperature, seed=a.seed)
+    if a.json:
+        print(json.dumps(res.to_json()))
+    else:
+        print(f"Q: {prompt}\nA: {res.text}")
+        s = res.stats
+        print(f"[{s['strategy']}] {s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, "
+              f"prefill {s['prefill_s']} s over {s['prompt_tokens']} tokens ({s['visual_tokens']} visual)",
+              file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparrow", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="demo-world data").add_subparsers(dest="what", required=True)
+    p = demo.add_parser("video", help="write a demo video (mp4) and its ground truth (json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--visual-tokens", type=int, default=None,
+                   help="size the video for about this many visual tokens (default: 32 frames at --side)")
+    p.add_argument("--side", type=int, default=64, help="frame side in pixels when --visual-tokens is not given")
+    p.add_argument("--question-kind", default="colour_appear",
+                   choices=["colour_appear", "colour_end", "direction", "count", "first"])
+    p.add_argument("--out", required=True, help="output .mp4 path")
+    p.set_defaults(fn=cmd_demo_video)
+
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
+    p = train.add_parser("target", help="train the demo target from scratch (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--work-dir", default="runs/target_work", help="checkpoints; resumed if present")
+    p.add_argument("--out", default="runs/demo_target", help="where the fp16 model is saved")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_train_target)
+
+    ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("target", help="answer accuracy on fresh demo videos, and with blank frames")
+    _add_model_arg(p)
+    p.add_argument("--videos", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="evaluation video set (never used in training)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_eval_target)
+
+    p = sub.add_parser("generate", help="answer a question about a video")
+    p.add_argument("--video", required=True, help="mp4/webm file")
+    p.add_argument("--prompt", default=None, help="question (default: the demo sidecar's question)")
+    p.add_argument("--strategy", default="ar", choices=["ar"], help="decoding strategy")
+    _add_model_arg(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-frames", type=int, default=None, help="sample this many frames (default: all)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    p.set_defaults(fn=cmd_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

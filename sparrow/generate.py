@@ -1,0 +1,57 @@
+"""Decoding strategies over a `Target`. `ar` is the exact baseline every other strategy must equal."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .target import Target
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    stats: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
+    """Greedy at temperature 0, else a sample from softmax(logits / temperature). logits: [V]."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def generate_ar(target: Target, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
+                temperature: float = 0.0, seed: int = 0) -> GenerationResult:
+    """Plain autoregressive decoding: one target step per token, stopping at end-of-turn."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    p = target.prepare(frames, prompt)
+    state, out = target.prefill(p)
+    t1 = time.perf_counter()
+    tokens: list[int] = []
+    while True:
+        tok = _pick(out.logits[0, -1], temperature, gen)
+        tokens.append(tok)
+        if tok in target.eos_token_ids or len(tokens) == max_new_tokens:
+            break
+        out = target.step(state, torch.tensor([[tok]]))
+    t2 = time.perf_counter()
+    decode_s = t2 - t1
+    stats = {"strategy": "ar", "prompt_tokens": int(p.input_ids.shape[1]),
+             "visual_tokens": int(p.visual_mask.sum()), "new_tokens": len(tokens),
+             "prefill_s": round(t1 - t0, 4), "decode_s": round(decode_s, 4),
+             "tokens_per_s": round(len(tokens) / decode_s, 2) if decode_s > 0 else None,
+             "target_steps": len(tokens) - 1}
+    text = target.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return GenerationResult(tokens, text, stats)
