@@ -1,0 +1,111 @@
+"""The `sparrow::` torch custom ops the draft calls: one op per operator on every device.
+
+CPU runs the reference, CUDA the Triton kernel; the fake implementations carry shapes through
+torch.export / torch.compile, so both see a single `sparrow::` node instead of tracing into it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .shapes import check_attention, check_handoff
+
+ATTENTION_OP = "sparrow::text_anchored_window_attention"
+HANDOFF_OP = "sparrow::handoff"
+
+
+@torch.library.custom_op(ATTENTION_OP, mutates_args=())
+def _attention(
+    q: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    anchors: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return reference.window_attention(q, k_win, v_win, anchors, k_new, v_new, mask, scale)
+
+
+@_attention.register_kernel("cuda")
+def _attention_cuda(q, k_win, v_win, anchors, k_new, v_new, mask, scale):
+    from . import triton_kernels
+
+    return triton_kernels.window_attention(q, k_win, v_win, anchors, k_new, v_new, mask, scale)
+
+
+@_attention.register_fake
+def _attention_fake(q, k_win, v_win, anchors, k_new, v_new, mask, scale):
+    check_attention(q, k_win, v_win, anchors, k_new, v_new, mask)
+    return torch.empty_like(q)  # [B, Hq, Tq, D]
+
+
+@torch.library.custom_op(HANDOFF_OP, mutates_args=("window",))
+def _handoff(
+    window: torch.Tensor,
+    hidden: torch.Tensor,
+    accepted: torch.Tensor,
+    text_mask: torch.Tensor,
+    anchors: torch.Tensor,
+) -> torch.Tensor:
+    return reference.handoff(window, hidden, accepted, text_mask, anchors)
+
+
+@_handoff.register_kernel("cuda")
+def _handoff_cuda(window, hidden, accepted, text_mask, anchors):
+    from . import triton_kernels
+
+    return triton_kernels.handoff(window, hidden, accepted, text_mask, anchors)
+
+
+@_handoff.register_fake
+def _handoff_fake(window, hidden, accepted, text_mask, anchors):
+    check_handoff(window, hidden, accepted, text_mask, anchors)
+    return torch.empty_like(anchors)  # [B]
+
+
+def causal_mask(queries: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The chain mask: draft token i may attend to draft tokens 0..i. [Tq, Tq] bool"""
+    return torch.ones(queries, queries, dtype=torch.bool, device=device).tril()
+
+
+def window_attention(
+    q: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    anchors: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """VATA attention of the draft's new tokens over the text-anchor window and themselves.
+
+    q [B, Hq, Tq, D]; k_win, v_win [B, Hkv, W, D] (the window ring buffer, read in slot order);
+    anchors [B] running anchor counts (valid slots are [0, min(anchors, W))); k_new, v_new
+    [B, Hkv, Tq, D]; tree_mask [Tq, Tq] bool (True = may attend; the diagonal is always on),
+    causal when None; scale defaults to D ** -0.5. Returns [B, Hq, Tq, D].
+    """
+    mask = causal_mask(q.shape[2], q.device) if tree_mask is None else tree_mask
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.sparrow.text_anchored_window_attention(q, k_win, v_win, anchors, k_new, v_new, mask, scale)
+
+
+def handoff(
+    window: torch.Tensor,
+    hidden: torch.Tensor,
+    accepted: torch.Tensor,
+    anchors: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Append accepted text hidden states to the window ring buffer in place.
+
+    window [B, W, H] (written in place); hidden [B, T, H]; accepted [B] leading rows accepted per
+    sequence; anchors [B] running anchor counts; text_mask [B, T] bool, all text when None.
+    Returns the new anchor counts [B].
+    """
+    if text_mask is None:
+        text_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # [B, T]
+    return torch.ops.sparrow.handoff(window, hidden, accepted, text_mask, anchors)
