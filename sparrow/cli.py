@@ -83,8 +83,15 @@ def cmd_generate(a):
     except VideoError as e:
         sys.exit(f"error: {e}")
     target = _load_target(a.model)
-    res = generate_ar(target, frames, prompt, max_new_tokens=a.max_new_tokens,
+    engine = target
+    if a.runtime == "sparrow":
+        from .runtime import Runtime
+
+        prompt_len = target.prepare(frames, prompt).input_ids.shape[1]
+        engine = Runtime(target, max_len=prompt_len + a.max_new_tokens + 1)
+    res = generate_ar(engine, frames, prompt, max_new_tokens=a.max_new_tokens,
                       temperature=a.temperature, seed=a.seed)
+    res.stats["runtime"] = a.runtime
     if a.json:
         print(json.dumps(res.to_json()))
     else:
@@ -93,6 +100,25 @@ def cmd_generate(a):
         print(f"[{s['strategy']}] {s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, "
               f"prefill {s['prefill_s']} s over {s['prompt_tokens']} tokens ({s['visual_tokens']} visual)",
               file=sys.stderr)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench_runtime(a):
+    from .benchmarks.runtime import RuntimeBenchConfig, run_bench, table, write
+
+    cfg = RuntimeBenchConfig(visual_tokens=a.visual_tokens, draft_len=a.draft_len, repeats=a.repeats,
+                             model=a.model, threads=a.threads)
+    rows = run_bench(cfg)
+    print(table(rows))
+    if a.json:
+        write(rows, cfg, a.json)
+        print(f"wrote {a.json} and {Path(a.json).with_suffix('.md')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
     p = train.add_parser("target", help="train the demo target from scratch (resumable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4400)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--work-dir", default="runs/target_work", help="checkpoints; resumed if present")
     p.add_argument("--out", default="runs/demo_target", help="where the fp16 model is saved")
     p.add_argument("--json", action="store_true")
@@ -132,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", required=True, help="mp4/webm file")
     p.add_argument("--prompt", default=None, help="question (default: the demo sidecar's question)")
     p.add_argument("--strategy", default="ar", choices=["ar"], help="decoding strategy")
+    p.add_argument("--runtime", default="sparrow", choices=["sparrow", "hf"],
+                   help="sparrow: the owned-KV-cache runtime; hf: stock transformers cache")
     _add_model_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-frames", type=int, default=None, help="sample this many frames (default: all)")
@@ -139,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     p.set_defaults(fn=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    p = bench.add_parser("runtime", help="owned-cache runtime vs stock transformers: decode and verify step cost")
+    p.add_argument("--visual-tokens", type=_int_list, default=(1024, 4096, 25600))
+    p.add_argument("--draft-len", type=int, default=5, help="K: the verify step runs K+1 tokens")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    _add_model_arg(p)
+    p.add_argument("--json", default=None, help="write the rows here (and a markdown table next to it)")
+    p.set_defaults(fn=cmd_bench_runtime)
     return ap
 
 

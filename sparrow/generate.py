@@ -1,4 +1,4 @@
-"""Decoding strategies over a `Target`. `ar` is the exact baseline every other strategy must equal."""
+"""Decoding strategies over a `Target` (stock HF cache) or a `Runtime` (owned cache). `ar` is exact."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .runtime import Runtime
 from .target import Target
 
 
@@ -29,7 +30,7 @@ def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def generate_ar(target: Target, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
+def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
                 temperature: float = 0.0, seed: int = 0) -> GenerationResult:
     """Plain autoregressive decoding: one target step per token, stopping at end-of-turn."""
     if max_new_tokens < 1:

@@ -1,0 +1,1 @@
+"""Benchmarks (`sparrow bench ...`); recorded results live in benchmarks/results/."""

@@ -1,0 +1,147 @@
+"""The target runtime: a Hugging Face Vid-LLM's own layers over a KV cache the runtime owns.
+
+The decoder layers, norms and rotary embeddings are transformers' own modules (so the model is
+exactly the one its weights define); the cache (`kv_cache.SlotKVCache`) and the attention
+(`attention.runtime_attention`, registered with transformers' attention interface) are ours:
+preallocated, written in place, rolled back by length, GQA read natively, each KV block read once
+for all query rows. Same interface as `target.Target`: prefill, step (1..K+1 tokens or a token
+tree, hidden states of chosen layers out), truncate; a TensorRT-LLM backend plugs in here too.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from .attention import runtime_attention
+from .kv_cache import SlotKVCache
+from .target import Prompt, StepOutput, Target, TargetError
+
+ATTN_NAME = "sparrow_runtime"
+
+
+@dataclass
+class RuntimeState:
+    slot: int
+    pos_delta: int  # rotary position of cache slot i (i >= prompt length) is i + pos_delta
+    prompt_length: int
+    cache: SlotKVCache
+
+    @property
+    def length(self) -> int:
+        return self.cache.lengths[self.slot]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Runtime:
+    def __init__(self, target: Target, max_len: int = 32768, slots: int = 1, prefill_chunk: int = 4096):
+        """Takes over `target`'s model: its text layers attend through the runtime's cache from now on."""
+        from transformers import AttentionInterface
+
+        self.target = target
+        model = target.model
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        text = model.config.text_config
+        AttentionInterface.register(ATTN_NAME, runtime_attention)
+        self.lm.config._attn_implementation = ATTN_NAME
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.cache = SlotKVCache(text.num_hidden_layers, slots, text.num_key_value_heads, head_dim, max_len,
+                                 dtype=model.dtype, device=model.device)
+        self.prefill_chunk = prefill_chunk
+        self.num_layers = target.num_layers
+        self.tokenizer = target.tokenizer
+        self.eos_token_ids = target.eos_token_ids
+
+    def prepare(self, frames, prompt: str) -> Prompt:
+        return self.target.prepare(frames, prompt)
+
+    # ---- prefill ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, layers: tuple[int, ...] = (), slot: int = 0) -> tuple[RuntimeState, StepOutput]:
+        """Prefill in chunks (bounded memory). Logits of the last position only; hidden states of all."""
+        embeds, positions, delta = self._prompt_embeddings(prompt)  # [1, T, H], [3, 1, T] or [1, T]
+        t = embeds.shape[1]
+        self.cache.truncate(slot, 0)
+        state = RuntimeState(slot, delta, t, self.cache)
+        hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        last = None
+        for c0 in range(0, t, self.prefill_chunk):
+            c1 = min(t, c0 + self.prefill_chunk)
+            out = self._forward([slot], embeds[:, c0:c1], positions[..., c0:c1], None, layers)
+            for layer in layers:
+                hidden[layer].append(out.hidden_states[layer])
+            last = out.last_hidden_state[:, -1:]
+        logits = self.lm_head(last)  # [1, 1, V]
+        return state, StepOutput(logits, {k: torch.cat(v, dim=1) for k, v in hidden.items()})
+
+    def _prompt_embeddings(self, prompt: Prompt):
+        model, arch = self.target.model, self.target.arch
+        ids = prompt.input_ids.to(model.device)
+        embeds = self.lm.embed_tokens(ids)  # [1, T, H]
+        inputs = prompt.model_inputs
+        if arch == "llava_onevision":
+            cfg = model.config
+            feats = model.model.get_video_features(
+                inputs["pixel_values_videos"], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]
+            delta = 0
+        else:
+            feats = torch.cat(model.model.get_video_features(
+                inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+            positions, deltas = model.model.get_rope_index(
+                ids, inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"])  # [3, 1, T]
+            delta = int(deltas.reshape(-1)[0])
+        feats = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        if feats.shape[0] != int(prompt.visual_mask.sum()):
+            raise TargetError(f"{feats.shape[0]} visual features for {int(prompt.visual_mask.sum())} placeholders")
+        embeds[0, prompt.visual_mask.to(embeds.device)] = feats
+        return embeds, positions, delta
+
+    # ---- decode / verify ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, state: RuntimeState, tokens: torch.Tensor, tree_mask: torch.Tensor | None = None,
+             depths: torch.Tensor | None = None, layers: tuple[int, ...] = ()) -> StepOutput:
+        """T new tokens `[1, T]` after the cache: a chain, or a tree (tree_mask `[T, T]`, depths `[T]`)."""
+        return self.step_batch([state], tokens, tree_mask, depths, layers)
+
+    @torch.inference_mode()
+    def step_batch(self, states: list[RuntimeState], tokens: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                   depths: torch.Tensor | None = None, layers: tuple[int, ...] = ()) -> StepOutput:
+        """Several sequences, each at its own length, T new tokens each: tokens `[B, T]`."""
+        b, t = tokens.shape
+        if b != len(states):
+            raise TargetError(f"{b} token rows for {len(states)} sequences")
+        if tree_mask is not None and tree_mask.shape != (t, t):
+            raise TargetError(f"tree_mask must be [{t}, {t}], got {list(tree_mask.shape)}")
+        if depths is None:
+            depths = torch.arange(t)
+        dev = self.target.model.device
+        base = torch.tensor([s.length + s.pos_delta for s in states], device=dev)
+        positions = base[:, None] + depths.to(dev)[None]  # [B, T]
+        if self.target.arch != "llava_onevision":
+            positions = positions[None].expand(3, b, t)  # text tokens: one position on all three M-RoPE axes
+        embeds = self.lm.embed_tokens(tokens.to(dev))  # [B, T, H]
+        out = self._forward([s.slot for s in states], embeds, positions, tree_mask, layers)
+        return StepOutput(self.lm_head(out.last_hidden_state), {k: out.hidden_states[k] for k in layers})
+
+    def truncate(self, state: RuntimeState, length: int) -> None:
+        if length < state.prompt_length:
+            raise TargetError(f"cannot truncate to {length}: the prompt is {state.prompt_length} tokens")
+        self.cache.truncate(state.slot, length)
+
+    def _forward(self, slots, embeds, positions, tail_mask, layers):
+        t = embeds.shape[1]
+        if tail_mask is None:
+            tail_mask = torch.ones(t, t, dtype=torch.bool).tril_()
+        plan = self.cache.begin(slots, t, tail_mask.to(embeds.device))
+        out = self.lm(inputs_embeds=embeds, position_ids=positions, cache=self.cache, use_cache=True,
+                      output_hidden_states=bool(layers), sparrow_plan=plan)
+        self.cache.commit()
+        return out
