@@ -28,12 +28,12 @@ class Example:
 
 
 def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAMES,
-                 side: int = DEFAULT_SIDE, blank: bool = False) -> Example:
+                 side: int = DEFAULT_SIDE, blank: bool = False, n_shapes: int | None = None) -> Example:
     """task: "caption", "question" or "mixed" (half each, chosen by the seed)."""
     if task not in ("caption", "question", "mixed"):
         raise ValueError(f"task must be caption, question or mixed, got {task!r}")
     rng = np.random.default_rng([seed, 7])
-    scene = make_scene(seed)
+    scene = make_scene(seed, n_shapes)
     frames = render(scene, num_frames, side, side)
     if blank:
         frames = blank_like(frames)

@@ -27,7 +27,7 @@ COLOURS = {
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 BACKGROUND = (24, 24, 24)
 
-SIZE = 0.2  # shape side as a fraction of the canvas
+SIZE = 0.25  # shape side as a fraction of the canvas
 MIN_GAP = 0.1  # between two appearance times, so "which appears first" is visible in frames
 
 
