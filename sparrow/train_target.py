@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .demo.data import make_example
 from .demo.model import demo_config
 from .demo.tokenizer import build_tokenizer
+from .demo.world import NUM_OBJECT_CLASSES, Scene, object_classes
 from .processing import VisionSpec, build_batch
 
 
@@ -29,7 +30,11 @@ class TargetTrainConfig:
     # Adam steps on the vision tower are scaled up: its gradients are a small, noisy share of the
     # loss (most caption tokens follow from the text prior), and at one shared rate it lagged far
     # behind the language model, which settled on ignoring the video.
-    vision_lr_scale: float = 3.0
+    vision_lr_scale: float = 2.0
+    # Auxiliary dense supervision of the vision tower (a linear probe per visual token: which
+    # shape and colour fills that 16x16 cell), used only during training; the saved model is the
+    # plain Qwen2-VL. Without it the tower learned too slowly for the language model to use it.
+    aux_weight: float = 0.3
     warmup: int = 100
     weight_decay: float = 0.01
     frames: tuple[int, ...] = (16, 16, 24, 32)  # varied so the model does not tie itself to one length
@@ -58,16 +63,36 @@ def _example_seed(cfg: TargetTrainConfig, step: int, j: int) -> int:
     return int(np.random.default_rng([cfg.seed, step, j]).integers(0, 1_000_000_000))
 
 
-def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> dict:
+def cell_targets(scene: Scene, num_frames: int, side: int, spec: VisionSpec) -> np.ndarray:
+    """Object class per visual token, in the vision tower's token order: `[T' * side/c * side/c]`.
+
+    A cell is labelled with the shape covering most of it (at least a fifth) in the first frame of
+    its temporal patch, else background (0).
+    """
+    c = spec.cell
+    cls = object_classes(scene, num_frames, side, side)[::spec.temporal_patch_size]  # [T', H, W]
+    t = cls.shape[0]
+    cells = cls.reshape(t, side // c, c, side // c, c).transpose(0, 1, 3, 2, 4).reshape(t, side // c, side // c, c * c)
+    present = np.unique(cls[cls > 0])
+    if len(present) == 0:
+        return np.zeros(cells.shape[:3], dtype=np.int64).reshape(-1)
+    counts = (cells[..., None] == present).sum(axis=3)  # [T', h, w, K]
+    best = counts.argmax(axis=-1)
+    label = np.where(counts.max(axis=-1) * 5 >= c * c, present[best], 0)
+    return label.astype(np.int64).reshape(-1)
+
+
+def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tuple[dict, torch.Tensor]:
     rng = np.random.default_rng([cfg.seed, step, 10_000])
     frames = int(rng.choice(cfg.frames))
-    items = []
+    items, cells = [], []
     for j in range(cfg.batch_size):
         n_shapes = int(rng.integers(1, 3)) if step < cfg.easy_steps else None
         ex = make_example(_example_seed(cfg, step, j), "mixed", num_frames=frames, side=cfg.side,
                           n_shapes=n_shapes)
         items.append((ex.frames, ex.prompt, ex.answer))
-    return build_batch(tokenizer, spec, items)
+        cells.append(cell_targets(ex.scene, frames, cfg.side, spec))
+    return build_batch(tokenizer, spec, items), torch.from_numpy(np.concatenate(cells))
 
 
 def _prefetch(cfg, tokenizer, spec, start: int, q: queue.Queue):
@@ -95,7 +120,8 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
     tokenizer = build_tokenizer()
     model = Qwen2VLForConditionalGeneration(demo_config(tokenizer))
     spec = VisionSpec.from_config(model.config.vision_config)
-    vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, NUM_OBJECT_CLASSES)
+    vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")] + list(probe.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
     opt = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": vision, "scale": cfg.vision_lr_scale}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -106,6 +132,7 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
         if state["config"] != cfg.to_json():
             raise ValueError(f"{ckpt} was written with a different config; use another --work-dir")
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["opt"])
         start, history, elapsed = state["step"], state["history"], state["elapsed"]
         print(f"resuming from step {start}")
@@ -116,24 +143,28 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
     t0 = time.time() - elapsed
     bar = tqdm(range(start, cfg.steps), desc="train target", initial=start, total=cfg.steps)
     for step in bar:
-        got, batch = q.get()
+        got, (batch, cells) = q.get()
         assert got == step
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step) * g["scale"]
-        loss = model(**batch).loss
+        pixels = batch.pop("pixel_values_videos")
+        video = model.model.get_video_features(pixels, batch["video_grid_thw"], return_dict=True)
+        aux = torch.nn.functional.cross_entropy(probe(torch.cat(video.pooler_output)), cells)
+        lm_loss = model(**batch, mm_encoder_outputs={"video": video}).loss
+        loss = lm_loss + cfg.aux_weight * aux
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append(round(loss.item(), 4))
-        bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
+        history.append(round(lm_loss.item(), 4))
+        bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", aux=f"{aux.item():.3f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             res = eval_target(model, tokenizer, videos=cfg.eval_videos, seed=1, progress=False)
             tqdm.write(f"step {done}: accuracy {res.accuracy:.3f} blank {res.blank_accuracy:.3f} {res.by_kind}")
             model.train()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done,
+            torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": done,
                         "history": history, "elapsed": time.time() - t0, "config": cfg.to_json()}, ckpt)
 
     model.eval()

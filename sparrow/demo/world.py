@@ -159,27 +159,41 @@ def _mask(kind: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: fl
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
-def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Render the scene to uint8 frames `[N, H, W, 3]`, frame i showing time (i + 0.5) / N."""
+def _painted(scene: Scene, num_frames: int, height: int, width: int):
+    """Yield (frame index, time, shape, pixel mask) in painting order: later shapes lie on top."""
     if num_frames < 1 or height < 16 or width < 16:
         raise ValueError(f"need at least 1 frame of 16x16 pixels, got {num_frames}x{height}x{width}")
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)  # [N, H, W, 3]
-    frames[:] = BACKGROUND
-    scale = min(height, width)
+    scale = min(height, width)  # keep shapes square on non-square canvases
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    xx = (xx + 0.5) / width
-    yy = (yy + 0.5) / height
-    r = SIZE / 2
+    xx = (xx + 0.5) / scale
+    yy = (yy + 0.5) / scale
     for i in range(num_frames):
         t = (i + 0.5) / num_frames
         for s in scene.shapes:
-            if not s.visible(t):
-                continue
-            cx, cy = s.centre(t)
-            # keep shapes square on non-square canvases
-            m = _mask(s.kind, xx * width / scale, yy * height / scale, cx * width / scale, cy * height / scale, r)
-            frames[i][m] = COLOURS[s.colour_at(t)]
+            if s.visible(t):
+                cx, cy = s.centre(t)
+                yield i, t, s, _mask(s.kind, xx, yy, cx * width / scale, cy * height / scale, SIZE / 2)
+
+
+def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray:
+    """Render the scene to uint8 frames `[N, H, W, 3]`, frame i showing time (i + 0.5) / N."""
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)  # [N, H, W, 3]
+    frames[:] = BACKGROUND
+    for i, t, s, m in _painted(scene, num_frames, height, width):
+        frames[i][m] = COLOURS[s.colour_at(t)]
     return frames
+
+
+NUM_OBJECT_CLASSES = 1 + len(KINDS) * len(COLOURS)
+
+
+def object_classes(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray:
+    """What each pixel shows, `[N, H, W]` uint8: 0 background, else 1 + kind * 8 + colour."""
+    out = np.zeros((num_frames, height, width), dtype=np.uint8)  # [N, H, W]
+    colours = list(COLOURS)
+    for i, t, s, m in _painted(scene, num_frames, height, width):
+        out[i][m] = 1 + KINDS.index(s.kind) * len(COLOURS) + colours.index(s.colour_at(t))
+    return out
 
 
 def blank_like(frames: np.ndarray) -> np.ndarray:
