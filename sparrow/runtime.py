@@ -90,14 +90,10 @@ class Runtime:
             feats = model.model.get_video_features(
                 inputs["pixel_values_videos"], vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
-            positions = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]
-            delta = 0
         else:
             feats = torch.cat(model.model.get_video_features(
                 inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
-            positions, deltas = model.model.get_rope_index(
-                ids, inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"])  # [3, 1, T]
-            delta = int(deltas.reshape(-1)[0])
+        positions, delta = self.target.positions(prompt)
         feats = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         if feats.shape[0] != int(prompt.visual_mask.sum()):
             raise TargetError(f"{feats.shape[0]} visual features for {int(prompt.visual_mask.sum())} placeholders")

@@ -126,18 +126,31 @@ class Target:
         return x.to(self.model.dtype), len(frames) * side * side + 1  # + the trailing newline token
 
     # ---- forward ------------------------------------------------------------------------------
+    def positions(self, prompt: Prompt) -> tuple[torch.Tensor, int]:
+        """Rotary positions of the prompt (`[3, 1, T]` M-RoPE, or `[1, T]`) and the decode offset.
+
+        Tokens appended after the prompt continue from its last (text) position, exactly as an
+        uncached forward over prompt + new tokens places them; cache slot i sits at i + offset.
+        (transformers' `rope_deltas` can disagree with that when a video has more temporal
+        patches than spatial ones, so the offset is taken from the positions themselves.)
+        """
+        ids = prompt.input_ids.to(self.device)
+        if self.arch == "llava_onevision":
+            return torch.arange(ids.shape[1], device=ids.device)[None], 0
+        inputs = prompt.model_inputs
+        pos, _ = self.model.model.get_rope_index(ids, inputs["mm_token_type_ids"],
+                                                 video_grid_thw=inputs["video_grid_thw"])  # [3, 1, T]
+        return pos, int(pos[0, 0, -1]) + 1 - ids.shape[1]
+
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, layers: tuple[int, ...] = ()) -> tuple[TargetState, StepOutput]:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         ids = prompt.input_ids.to(self.device)
+        positions, delta = self.positions(prompt)
         out = self.model(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=bool(layers),
-                         **prompt.model_inputs)
-        if self.arch == "llava_onevision":
-            delta = 0
-        else:
-            delta = int(self.model.model.rope_deltas.reshape(-1)[0])
+                         position_ids=positions, **prompt.model_inputs)
         state = TargetState(cache=cache, length=ids.shape[1], pos_delta=delta, prompt_length=ids.shape[1])
         return state, self._output(out, layers)
 

@@ -24,7 +24,7 @@ def pair(request, tmp_path_factory):
     return Target.load(path), Runtime(Target.load(path), max_len=256, slots=3, prefill_chunk=16)
 
 
-def _frames(seed=2, n=6):
+def _frames(seed=2, n=12):
     return render(make_scene(seed), n, 48, 64)  # [n, 48, 64, 3]
 
 
@@ -52,7 +52,7 @@ def test_prefill_and_steps_match_transformers(pair):
 def test_ar_on_runtime_equals_transformers_generate(pair):
     ref, rt = pair
     for seed in range(2):
-        f = _frames(seed, 4 + 2 * seed)
+        f = _frames(seed, 4 + 8 * seed)
         p = ref.prepare(f, PROMPT)
         hf = ref.model.generate(input_ids=p.input_ids, **p.model_inputs, max_new_tokens=20, do_sample=False)
         assert generate_ar(rt, f, PROMPT, max_new_tokens=20).token_ids == hf[0, p.input_ids.shape[1]:].tolist()
