@@ -64,6 +64,20 @@ class SlotKVCache:
             raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot truncate to {length}")
         self.lengths[slot] = length
 
+    def keep(self, slot: int, start: int, indices: list[int]) -> None:
+        """Keep the tokens at `start + indices[i]` as positions `start + i` and drop the rest.
+
+        After a tree verify only the accepted path survives; it is moved down in place (a few rows).
+        """
+        n = len(indices)
+        if start + n > self.lengths[slot] or any(not 0 <= i < self.lengths[slot] - start for i in indices):
+            raise ValueError(f"slot {slot}: indices {indices} after {start} fall outside its {self.lengths[slot]} tokens")
+        if list(indices) != list(range(n)):
+            idx = torch.tensor(indices, device=self.k.device) + start
+            self.k[:, slot, :, start:start + n] = self.k[:, slot, :, idx]  # the gather copies before the write
+            self.v[:, slot, :, start:start + n] = self.v[:, slot, :, idx]
+        self.lengths[slot] = start + n
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write new K/V `[B, Hkv, T, D]` in place; return this layer's whole buffers `[S, Hkv, Tmax, D]`."""
         t = key.shape[2]

@@ -132,6 +132,12 @@ class Runtime:
             raise TargetError(f"cannot truncate to {length}: the prompt is {state.prompt_length} tokens")
         self.cache.truncate(state.slot, length)
 
+    def keep(self, state: RuntimeState, start: int, indices: list[int]) -> None:
+        """After a tree verify from `start`: keep the accepted nodes' K/V, in path order."""
+        if start < state.prompt_length:
+            raise TargetError(f"cannot rewrite the cache before the prompt's end ({state.prompt_length})")
+        self.cache.keep(state.slot, start, indices)
+
     def _forward(self, slots, embeds, positions, tail_mask, layers):
         t = embeds.shape[1]
         if tail_mask is None:

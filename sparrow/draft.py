@@ -1,0 +1,286 @@
+"""The Sparrow draft: one EAGLE-3-style decoder layer over the target's own hidden states.
+
+Input at each draft position: the embedding of a token and a feature vector, either the fusion of
+the target's low/middle/high hidden states (the first draft step) or the draft's own previous
+output (later steps). Its attention (VATA) reads
+
+- the text anchors: the target's fused hidden states at the last W *text* positions, turned into
+  keys/values by the draft's own projections (hidden-state reuse: nothing is recomputed through
+  the target, and visual positions never enter the window);
+- IVSB glimpses: a fixed number of vectors pooled from the target's intermediate-layer states of
+  the visual tokens, computed once per video;
+- its own speculative tokens, under a chain or token-tree mask.
+
+So a draft step costs the same at 1k and at 25k visual tokens. `attend="prefix"` is the EAGLE
+baseline with the same weights' shape: every prefix position, visual ones included, is an anchor.
+Embedding and LM head are the target's, shared and frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import multi_token_attention
+
+ATTEND_MODES = ("window", "prefix")
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int = 256
+    vocab_size: int = 62
+    feature_layers: tuple[int, int, int] = (1, 2, 4)  # target hidden_states indices (0 = embeddings)
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    attend: str = "window"  # "window": Sparrow (VATA); "prefix": EAGLE, all positions incl. visual
+    window: int = 64  # W text anchors
+    glimpses: int = 8  # IVSB glimpse vectors; 0 disables bridging
+    glimpse_layer: int = 2  # target hidden_states index the glimpses are pooled from
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.feature_layers = tuple(int(x) for x in self.feature_layers)
+        if len(self.feature_layers) != 3:
+            raise ValueError(f"feature_layers must name 3 target layers (low, mid, high), got {self.feature_layers}")
+        if self.attend not in ATTEND_MODES:
+            raise ValueError(f"attend must be one of {ATTEND_MODES}, got {self.attend!r}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide into num_heads, and num_heads into num_kv_heads groups")
+        if self.window < 1 or self.glimpses < 0:
+            raise ValueError(f"window must be >= 1 and glimpses >= 0, got {self.window}, {self.glimpses}")
+        if self.attend == "prefix" and self.glimpses:
+            raise ValueError("the prefix (EAGLE) draft sees every visual token already; set glimpses=0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def target_layers(self) -> tuple[int, ...]:
+        """Every target hidden-state index the draft reads."""
+        extra = (self.glimpse_layer,) if self.glimpses else ()
+        return tuple(sorted(set(self.feature_layers + extra)))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DraftConfig":
+        return cls(**d)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half). x `[..., T, D]`, positions broadcastable to `[..., T]`."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)  # [D/2]
+    ang = positions.to(torch.float32)[..., None] * inv  # [..., T, D/2]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig, embed: torch.Tensor, lm_head: torch.Tensor, final_norm: nn.Module):
+        """embed / lm_head `[V, H]`: the target's weights, shared and frozen; final_norm: the target's."""
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.register_buffer("embed", embed.detach(), persistent=False)
+        self.register_buffer("head", lm_head.detach(), persistent=False)
+        self.final_norm = final_norm.requires_grad_(False)
+        self.fuse = nn.Linear(3 * h, h, bias=False)  # low/mid/high target states -> one feature
+        self.inp = nn.Linear(2 * h, h, bias=False)  # [token embedding; feature] -> residual stream
+        self.glimpse_proj = nn.Linear(h, h, bias=False) if cfg.glimpses else None
+        self.ln_attn = RMSNorm(h, cfg.rms_norm_eps)
+        self.ln_mlp = RMSNorm(h, cfg.rms_norm_eps)
+        self.q = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.gate = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    @classmethod
+    def for_target(cls, cfg: DraftConfig, target_model) -> "Draft":
+        lm = target_model.model.language_model
+        text = target_model.config.text_config
+        if cfg.hidden_size != text.hidden_size or cfg.vocab_size != text.vocab_size:
+            raise ValueError(f"draft config (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}) does not match the "
+                             f"target (hidden {text.hidden_size}, vocab {text.vocab_size})")
+        top = max(cfg.target_layers)
+        if top > text.num_hidden_layers:
+            raise ValueError(f"draft reads target layer {top}; the target has {text.num_hidden_layers}")
+        return cls(cfg, lm.embed_tokens.weight, target_model.lm_head.weight, lm.norm)
+
+    # ---- pieces shared by inference and training ------------------------------------------------
+    def features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Fuse the target's low/mid/high states `[..., T, H]` each -> `[..., T, H]`."""
+        return self.fuse(torch.cat([hidden[i].to(self.fuse.weight.dtype) for i in self.cfg.feature_layers], -1))
+
+    def kv(self, x: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of residual-stream vectors x `[B, T, H]` -> `[B, Hkv, T, D]` each (rotated if positioned)."""
+        b, t, _ = x.shape
+        n = self.ln_attn(x)
+        k = self.k(n).view(b, t, self.cfg.num_kv_heads, -1).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v(n).view(b, t, self.cfg.num_kv_heads, -1).transpose(1, 2)
+        if positions is not None:
+            k = rotate(k, positions[:, None], self.cfg.rope_theta)
+        return k, v
+
+    def layer(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """One decoder layer over draft tokens `[B, T]` with features `[B, T, H]` at positions `[B, T]`.
+
+        `attend(q [B, Hq, T, D], k [B, Hkv, T, D], v) -> [B, Hq, T, D]` supplies the anchors/glimpses
+        and the mask over the draft's own tokens. Returns the output residual stream `[B, T, H]`.
+        """
+        b, t = tokens.shape
+        x = self.inp(torch.cat([F.embedding(tokens, self.embed).to(feats.dtype), feats], -1))  # [B, T, H]
+        k, v = self.kv(x, positions)
+        q = self.q(self.ln_attn(x)).view(b, t, self.cfg.num_heads, -1).transpose(1, 2)  # [B, Hq, T, D]
+        q = rotate(q, positions[:, None], self.cfg.rope_theta)
+        x = x + self.o(attend(q, k, v).transpose(1, 2).reshape(b, t, -1))
+        n = self.ln_mlp(x)
+        return x + self.down(F.silu(self.gate(n)) * self.up(n))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(h.to(self.head.dtype)), self.head)  # [B, T, V]
+
+    def glimpse_vectors(self, visual: torch.Tensor) -> torch.Tensor:
+        """IVSB: pool intermediate-layer visual states `[B, Nv, H]` (video order) into `[B, G, H]`."""
+        g = self.cfg.glimpses
+        if visual.shape[1] < g:
+            raise ValueError(f"{visual.shape[1]} visual tokens cannot make {g} glimpses")
+        pooled = F.adaptive_avg_pool1d(visual.transpose(1, 2).float(), g).transpose(1, 2)  # [B, G, H]
+        return self.glimpse_proj(pooled.to(self.glimpse_proj.weight.dtype))
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save(self, out: str | Path, meta: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        own = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()
+               if not k.startswith("final_norm.")}
+        save_file(own, str(out / "draft.safetensors"))
+        (out / "draft_config.json").write_text(json.dumps(self.cfg.to_json(), indent=1))
+        if meta is not None:
+            (out / "training.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, target_model) -> "Draft":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file = path / "draft_config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} holds no draft (no draft_config.json)")
+        draft = cls.for_target(DraftConfig.from_json(json.loads(cfg_file.read_text())), target_model)
+        weights = {k: v.to(target_model.dtype) for k, v in load_file(str(path / "draft.safetensors")).items()}
+        missing, unexpected = draft.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith("final_norm.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: draft weights do not match its config (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return draft.to(target_model.dtype).eval()
+
+
+class WindowContext:
+    """Sparrow's draft context for one sequence: the anchor window ring and the glimpses.
+
+    The ring holds fused target features `[1, W, H]` and their positions; both are filled by the
+    `sparrow::handoff` op and read by `sparrow::text_anchored_window_attention` (plugins/).
+    """
+
+    def __init__(self, draft: Draft, glimpses: torch.Tensor | None):
+        from .plugins import ops  # noqa: F401  registers the sparrow:: ops
+
+        cfg = draft.cfg
+        self.draft = draft
+        dtype = draft.fuse.weight.dtype
+        self.ring = torch.zeros(1, cfg.window, cfg.hidden_size, dtype=dtype)  # [1, W, H]
+        self.ring_pos = torch.zeros(1, cfg.window, 1, dtype=torch.float32)  # [1, W, 1]
+        self.anchors = torch.zeros(1, dtype=torch.int64)
+        self.glimpses = glimpses  # [1, G, H] or None
+        self._kv = None
+
+    def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor) -> None:
+        """Hand off accepted positions: feats `[1, T, H]`, positions `[1, T]`, text_mask `[1, T]`."""
+        from .plugins.ops import handoff
+
+        n = torch.tensor([feats.shape[1]])
+        handoff(self.ring_pos, positions.to(torch.float32)[..., None], n, self.anchors.clone(), text_mask)
+        self.anchors = handoff(self.ring, feats.to(self.ring.dtype), n, self.anchors, text_mask)
+        self._kv = None
+
+    def attend(self, first_pos: int, mask: torch.Tensor):
+        """The attention callable for draft tokens at `first_pos`.. under `mask` `[T, T]` over themselves."""
+        from .plugins.ops import window_attention
+
+        if self._kv is None:
+            self._kv = self.draft.kv(self.ring, self.ring_pos[..., 0])  # [1, Hkv, W, D] each
+        k_win, v_win = self._kv
+        valid = self.anchors.clamp(max=self.draft.cfg.window)
+        if self.glimpses is not None:
+            # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
+            kg, vg = self.draft.kv(self.glimpses, torch.full(self.glimpses.shape[:2], first_pos - 1))
+            k_win, v_win = torch.cat([kg, k_win], 2), torch.cat([vg, v_win], 2)  # [1, Hkv, G + W, D]
+            valid = valid + kg.shape[2]
+
+        def fn(q, k, v):
+            return window_attention(q, k_win, v_win, valid, k, v, mask)
+
+        return fn
+
+
+class PrefixContext:
+    """The EAGLE baseline's draft context: keys/values of every prefix position, visual ones included."""
+
+    def __init__(self, draft: Draft, max_len: int):
+        cfg = draft.cfg
+        self.draft = draft
+        shape = (cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=draft.fuse.weight.dtype)  # [Hkv, Tmax, D], written in place
+        self.v = torch.zeros(shape, dtype=draft.fuse.weight.dtype)
+        self.length = 0
+
+    def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor | None = None) -> None:
+        k, v = self.draft.kv(feats, positions)  # [1, Hkv, T, D]
+        t = k.shape[2]
+        if self.length + t > self.k.shape[1]:
+            raise ValueError(f"draft prefix cache full: {self.length} + {t} > {self.k.shape[1]}")
+        self.k[:, self.length:self.length + t] = k[0]
+        self.v[:, self.length:self.length + t] = v[0]
+        self.length += t
+
+    def attend(self, first_pos: int, mask: torch.Tensor):
+        def fn(q, k, v):
+            t = k.shape[2]
+            end = self.length + t
+            if end > self.k.shape[1]:
+                raise ValueError(f"draft prefix cache full: {end} > {self.k.shape[1]}")
+            self.k[:, self.length:end] = k[0]  # scratch past the prefix, overwritten next call
+            self.v[:, self.length:end] = v[0]
+            scale = q.shape[-1] ** -0.5
+            return multi_token_attention(q[0], self.k, self.v, self.length, mask | torch.eye(t, dtype=torch.bool),
+                                         scale)[None]
+
+        return fn

@@ -1,0 +1,110 @@
+"""Draft training data: the target's own greedy answers on demo videos, with its hidden states.
+
+Each record is one video + prompt run through the target runtime exactly as speculative decoding
+runs it (chunked prefill, then one decode step per token), keeping what any draft variant needs:
+the low/mid/high hidden states at every text position and at every visual position (the EAGLE
+baseline's anchors), and every layer's visual states pooled into a few glimpse vectors (IVSB).
+Records are cached to disk in shards, so an interrupted run resumes at the next shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .demo.data import make_example
+from .runtime import Runtime
+from .target import Target
+
+DRAFT_SEED_BASE = 1_000_000_000  # target training draws seeds below 1e9, evaluation from 2e9
+POOLED = 16  # visual states are stored pooled to this many vectors per layer (glimpse counts divide it)
+
+
+@dataclass
+class DraftDataConfig:
+    examples: int = 1600
+    shard_size: int = 100
+    seed: int = 0
+    caption_share: float = 0.75  # captions are long answers: where speculation pays
+    frames: tuple[int, ...] = (16, 32, 64)  # 128..512 visual tokens at 64 px
+    side: int = 64
+    max_new_tokens: int = 64
+    feature_layers: tuple[int, int, int] = (1, 2, 4)
+
+    def __post_init__(self):
+        if self.examples < 1 or self.shard_size < 1:
+            raise ValueError("examples and shard_size must be positive")
+        if not 0 <= self.caption_share <= 1:
+            raise ValueError(f"caption_share must lie in [0, 1], got {self.caption_share}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def example_seed(cfg: DraftDataConfig, i: int) -> int:
+    return DRAFT_SEED_BASE + cfg.seed * 10_000_000 + i
+
+
+@torch.inference_mode()
+def record(runtime: Runtime, frames: np.ndarray, prompt: str, cfg: DraftDataConfig,
+           dtype: torch.dtype = torch.float16) -> dict:
+    """Greedy-decode and keep the states (stored in `dtype`); positions are cache indices."""
+    layers = tuple(range(runtime.num_layers + 1))
+    p = runtime.prepare(frames, prompt)
+    state, out = runtime.prefill(p, layers=layers)
+    hidden = [torch.stack([out.hidden[i][0] for i in layers])]  # [L+1, T, H] per chunk of positions
+    ids = p.input_ids[0].tolist()
+    while True:
+        tok = int(out.logits[0, -1].argmax())
+        ids.append(tok)
+        if tok in runtime.eos_token_ids or len(ids) - p.input_ids.shape[1] == cfg.max_new_tokens:
+            break
+        out = runtime.step(state, torch.tensor([[tok]]), layers=layers)
+        hidden.append(torch.stack([out.hidden[i][0] for i in layers]))
+    hidden = torch.cat(hidden, dim=1)  # [L+1, T_fed, H]: every position but the last token's
+    visual = torch.cat([p.visual_mask, torch.zeros(hidden.shape[1] - p.visual_mask.shape[0], dtype=torch.bool)])
+    feats = hidden[list(cfg.feature_layers)].transpose(0, 1)  # [T_fed, 3, H]
+    pooled = torch.nn.functional.adaptive_avg_pool1d(hidden[:, visual].transpose(1, 2), POOLED)  # [L+1, H, P]
+    return {
+        "ids": torch.tensor(ids),  # [T_fed + 1]
+        "visual": visual,  # [T_fed]
+        "prompt_len": int(p.input_ids.shape[1]),
+        "feats": feats.to(dtype),  # [T_fed, 3, H]
+        "pooled": pooled.transpose(1, 2).to(dtype),  # [L+1, P, H]
+    }
+
+
+def build_shards(target: Target, out_dir: str | Path, cfg: DraftDataConfig) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runtime = Runtime(target, max_len=max(cfg.frames) // 2 * (cfg.side // 16) ** 2 + cfg.max_new_tokens + 64)
+    shards = []
+    n_shards = -(-cfg.examples // cfg.shard_size)
+    bar = tqdm(total=cfg.examples, desc="draft data", unit="video")
+    for s in range(n_shards):
+        path = out / f"shard_{s:04d}.pt"
+        lo, hi = s * cfg.shard_size, min(cfg.examples, (s + 1) * cfg.shard_size)
+        if not path.is_file():
+            recs = []
+            for i in range(lo, hi):
+                seed = example_seed(cfg, i)
+                rng = np.random.default_rng([seed, 3])
+                task = "caption" if rng.random() < cfg.caption_share else "question"
+                ex = make_example(seed, task, num_frames=int(rng.choice(cfg.frames)), side=cfg.side)
+                recs.append(record(runtime, ex.frames, ex.prompt, cfg))
+                bar.update(1)
+            torch.save(recs, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").rename(path)
+        else:
+            bar.update(hi - lo)
+        shards.append(path)
+    bar.close()
+    return shards
+
+
+def load_shards(paths: list[Path]) -> list[dict]:
+    return [r for p in paths for r in torch.load(p, weights_only=True)]

@@ -1,0 +1,223 @@
+"""Speculative decoding on the target runtime: draft a token tree, verify it in one target forward.
+
+A chain of K tokens is the tree whose every node has one child, so chain and tree share one loop:
+
+    draft:   the draft layer runs level by level over the tree (its own tokens under the tree mask,
+             plus its context: Sparrow's text-anchor window and glimpses, or EAGLE's whole prefix)
+    verify:  one target forward over [last committed token, drafted nodes] with the ancestor mask
+    accept:  greedy: walk the tree along the target's argmax; sampling (chains): accept d with
+             probability min(1, p(d) / q(d)), resample a rejection from normalise(max(p - q, 0))
+    commit:  keep the accepted path's K/V (rollback by length, or a small in-place gather for a
+             tree), hand its target hidden states to the draft's context
+
+Greedy output is token-for-token the target's own greedy output; sampled output follows the
+target's distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .draft import Draft, PrefixContext, WindowContext
+from .generate import GenerationResult, _pick
+from .runtime import Runtime
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """A static draft tree. Node 0 is the root (the last committed token, already known)."""
+
+    parents: tuple[int, ...]  # parents[i] < i; parents[0] = -1
+    ranks: tuple[int, ...]  # node i holds its parent's ranks[i]-th most likely draft token
+
+    @classmethod
+    def chain(cls, k: int) -> "TokenTree":
+        if k < 1:
+            raise ValueError(f"draft length K must be at least 1, got {k}")
+        return cls(tuple(range(-1, k)), (0,) * (k + 1))
+
+    @classmethod
+    def from_paths(cls, paths: list[tuple[int, ...]]) -> "TokenTree":
+        """Medusa-style paths of child ranks, e.g. [(0,), (1,), (0, 0)]; every prefix must be listed."""
+        index = {(): 0}
+        parents, ranks = [-1], [0]
+        for path in sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p)):
+            if not path or path[:-1] not in index:
+                raise ValueError(f"tree path {path} has no parent path {path[:-1]} listed")
+            index[path] = len(parents)
+            parents.append(index[path[:-1]])
+            ranks.append(path[-1])
+        return cls(tuple(parents), tuple(ranks))
+
+    @classmethod
+    def spine(cls, k: int, width: int = 2) -> "TokenTree":
+        """The top-1 chain of depth k, with the next `width - 1` alternatives hung off every level."""
+        paths = [(0,) * (d - 1) + (r,) for d in range(1, k + 1) for r in range(width)]
+        return cls.from_paths(paths)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == tuple(range(-1, self.size - 1))
+
+    def depths(self) -> torch.Tensor:
+        d = [0] * self.size
+        for i in range(1, self.size):
+            d[i] = d[self.parents[i]] + 1
+        return torch.tensor(d)  # [N]
+
+    def mask(self) -> torch.Tensor:
+        """Ancestor mask `[N, N]`: node i may attend node j iff j is i or one of its ancestors."""
+        m = torch.eye(self.size, dtype=torch.bool)
+        for i in range(1, self.size):
+            m[i] |= m[self.parents[i]]
+        return m
+
+    def children(self) -> list[dict[int, int]]:
+        """children()[i] maps rank -> child node."""
+        out: list[dict[int, int]] = [{} for _ in range(self.size)]
+        for i in range(1, self.size):
+            out[self.parents[i]][self.ranks[i]] = i
+        return out
+
+
+def new_context(draft: Draft, hidden: dict[int, torch.Tensor], visual_mask: torch.Tensor, max_len: int):
+    """The draft's context after the target's prefill: window + glimpses (Sparrow) or whole prefix (EAGLE)."""
+    t = visual_mask.shape[0]
+    feats = draft.features({i: hidden[i] for i in draft.cfg.feature_layers})  # [1, T, H]
+    positions = torch.arange(t)[None]  # [1, T]
+    if draft.cfg.attend == "prefix":
+        ctx = PrefixContext(draft, max_len)
+        ctx.extend(feats, positions)
+        return ctx, feats
+    glimpses = None
+    if draft.cfg.glimpses:
+        glimpses = draft.glimpse_vectors(hidden[draft.cfg.glimpse_layer][:, visual_mask])  # [1, G, H]
+    ctx = WindowContext(draft, glimpses)
+    ctx.extend(feats, positions, ~visual_mask[None])
+    return ctx, feats
+
+
+@torch.inference_mode()
+def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.Tensor, root_pos: int,
+               temperature: float = 0.0, gen: torch.Generator | None = None):
+    """Fill the tree's tokens level by level. Returns tokens `[N]` and, when sampling, the draft's
+    probabilities `[N, V]` (row i: the distribution node i's token was drawn from)."""
+    depths = tree.depths()
+    tokens = torch.zeros(tree.size, dtype=torch.long)
+    tokens[0] = root
+    feats = torch.zeros(1, tree.size, root_feat.shape[-1], dtype=root_feat.dtype)  # [1, N, H]
+    feats[0, 0] = root_feat.reshape(-1)
+    probs = torch.zeros(tree.size, draft.cfg.vocab_size) if temperature > 0 else None
+    mask, children = tree.mask(), tree.children()
+    for level in range(int(depths.max())):
+        n = int((depths <= level).sum())  # nodes are ordered by depth: levels 0..level come first
+        h = draft.layer(tokens[None, :n], feats[:, :n], (root_pos + depths[:n])[None],
+                        ctx.attend(root_pos, mask[:n, :n]))  # [1, n, H]
+        for i in torch.nonzero(depths[:n] == level).flatten().tolist():
+            if not children[i]:
+                continue
+            logits = draft.logits(h[:, i])[0]  # [V]
+            if temperature > 0:
+                q = torch.softmax(logits.float() / temperature, -1)
+                (child,) = children[i].values()  # sampling drafts are chains
+                tokens[child] = torch.multinomial(q, 1, generator=gen)
+                probs[child] = q
+            else:
+                top = torch.topk(logits, max(children[i]) + 1).indices
+                for rank, child in children[i].items():
+                    tokens[child] = top[rank]
+            for child in children[i].values():
+                feats[0, child] = h[0, i]
+    return tokens, probs
+
+
+def accept_greedy(tree: TokenTree, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Follow the target's argmax `logits [N, V]` down the tree. Returns the accepted path (node
+    indices from the root) and the target's next token after it."""
+    best = logits.argmax(-1).tolist()
+    children = tree.children()
+    path = [0]
+    while True:
+        nxt = best[path[-1]]
+        child = next((c for c in children[path[-1]].values() if int(tokens[c]) == nxt), None)
+        if child is None:
+            return path, nxt
+        path.append(child)
+
+
+def accept_sampled(tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                   gen: torch.Generator) -> tuple[list[int], int]:
+    """Rejection sampling on a chain: tokens `[N]` (0 = root), q `[N, V]` draft probabilities (row i
+    drew token i), p `[N, V]` target probabilities (row i: the distribution after node i)."""
+    path = [0]
+    for i in range(1, tokens.shape[0]):
+        d = int(tokens[i])
+        if torch.rand((), generator=gen) * q[i, d] <= p[i - 1, d]:  # accept with min(1, p/q)
+            path.append(i)
+            continue
+        residual = (p[i - 1] - q[i]).clamp_(min=0)
+        return path, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+    return path, int(torch.multinomial(p[-1], 1, generator=gen))
+
+
+def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, prompt: str,
+                         tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
+                         seed: int = 0) -> GenerationResult:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature > 0 and not tree.is_chain:
+        raise ValueError("sampling (temperature > 0) verifies chains only; use a chain draft")
+    gen = torch.Generator().manual_seed(seed)
+    eos = runtime.eos_token_ids
+    t0 = time.perf_counter()
+    p = runtime.prepare(frames, prompt)
+    layers = draft.cfg.target_layers
+    state, out = runtime.prefill(p, layers=layers)
+    ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.cache.max_len)
+    tokens = [_pick(out.logits[0, -1], temperature, gen)]
+    root_feat, root_pos = feats[:, -1:], state.length  # the root token sits at cache index root_pos
+    t1 = time.perf_counter()
+    steps, draft_s, verify_s = 0, 0.0, 0.0
+    mask, depths = tree.mask(), tree.depths()
+    while tokens[-1] not in eos and len(tokens) < max_new_tokens:
+        ta = time.perf_counter()
+        drafted, q = draft_tree(draft, ctx, tree, tokens[-1], root_feat, root_pos, temperature, gen)
+        tb = time.perf_counter()
+        start = state.length
+        out = runtime.step(state, drafted[None], None if tree.is_chain else mask, depths, layers=layers)
+        verify_s += time.perf_counter() - tb
+        draft_s += tb - ta
+        steps += 1
+        if temperature > 0:
+            target_p = torch.softmax(out.logits[0].float() / temperature, -1)  # [N, V]
+            path, nxt = accept_sampled(drafted, q, target_p, gen)
+        else:
+            path, nxt = accept_greedy(tree, drafted, out.logits[0])
+        runtime.keep(state, start, path)
+        feats = draft.features({i: out.hidden[i][:, path] for i in draft.cfg.feature_layers})  # [1, P, H]
+        ctx.extend(feats, (start + torch.arange(len(path)))[None], torch.ones(1, len(path), dtype=torch.bool))
+        root_feat, root_pos = feats[:, -1:], state.length
+        for tok in drafted[path[1:]].tolist() + [nxt]:
+            tokens.append(tok)
+            if tok in eos or len(tokens) == max_new_tokens:
+                break
+    t2 = time.perf_counter()
+    decode_s = t2 - t1
+    stats = {"strategy": "eagle" if draft.cfg.attend == "prefix" else "sparrow",
+             "prompt_tokens": int(p.input_ids.shape[1]), "visual_tokens": int(p.visual_mask.sum()),
+             "new_tokens": len(tokens), "prefill_s": round(t1 - t0, 4), "decode_s": round(decode_s, 4),
+             "tokens_per_s": round(len(tokens) / decode_s, 2) if decode_s > 0 else None,
+             "target_steps": steps, "tree_nodes": tree.size - 1,
+             "mean_accepted_length": round((len(tokens) - 1) / steps, 3) if steps else None,
+             "draft_ms_per_step": round(1000 * draft_s / steps, 3) if steps else None,
+             "verify_ms_per_step": round(1000 * verify_s / steps, 3) if steps else None}
+    text = runtime.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return GenerationResult(tokens, text, stats)

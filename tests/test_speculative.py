@@ -1,0 +1,255 @@
+"""Sparrow / EAGLE drafts and speculative decoding on the runtime: lossless, rollback, handoff, sampling."""
+
+import pytest
+import torch
+
+import tiny_models
+from sparrow.demo.world import make_scene, render
+from sparrow.draft import Draft, DraftConfig
+from sparrow.draft_data import DraftDataConfig, record
+from sparrow.generate import generate_ar
+from sparrow.runtime import Runtime
+from sparrow.speculative import (TokenTree, accept_greedy, accept_sampled, generate_speculative, new_context)
+from sparrow.target import Target
+from sparrow.train_draft import make_batch, mtp_loss, rollout_logits
+
+PROMPT = "describe the video ."
+LAYERS = (1, 2, 3)  # the tiny targets have 3 decoder layers
+
+
+def target_dir(target):
+    return target.model.config._name_or_path
+
+
+def _frames(seed, n=16):
+    return render(make_scene(seed), n, 64, 64)  # [n, 64, 64, 3]: n/2 * 16 visual tokens
+
+
+def _cfg(tok_count, **kw):
+    base = dict(hidden_size=64, vocab_size=tok_count, feature_layers=LAYERS, num_heads=4, num_kv_heads=2,
+                intermediate_size=128, window=8, glimpses=4, glimpse_layer=2)
+    return DraftConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_models.build("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
+    target = Target.load(path)  # stays a stock transformers model: the reference
+    runtime = Runtime(Target.load(path), max_len=512)
+    data = DraftDataConfig(examples=8, feature_layers=LAYERS, max_new_tokens=24)
+    recs = [record(runtime, _frames(s), PROMPT, data, torch.float32) for s in range(8)]
+    return target, runtime, recs
+
+
+@pytest.fixture(scope="module", params=["window", "prefix"])
+def trained(request, tiny):
+    """A draft of each kind trained for a few steps; returns it with its first and last losses."""
+    target, _, recs = tiny
+    cfg = _cfg(target.vocab_size, **({"glimpses": 0} if request.param == "prefix" else {}), attend=request.param)
+    torch.manual_seed(0)
+    draft = Draft.for_target(cfg, target.model).float().train()
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-2)
+    batch = make_batch(recs, cfg, 3)
+    losses = []
+    for _ in range(60):
+        loss, _ = mtp_loss(draft, batch, 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return draft.eval(), losses
+
+
+def test_training_step_decreases_loss(trained):
+    _, losses = trained
+    # the tiny random target's LM head has small weights, so no draft can reach a low loss; it must drop
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0]
+
+
+@pytest.mark.parametrize("tree", [TokenTree.chain(4), TokenTree.spine(3, 3)], ids=["chain", "tree"])
+def test_greedy_speculative_equals_transformers_generate(tiny, trained, tree):
+    target, runtime, _ = tiny
+    draft, _ = trained
+    accepted = 0.0
+    for seed in (11, 12, 13):
+        f = _frames(seed, 8 + 4 * (seed % 3))
+        p = target.prepare(f, PROMPT)
+        hf = target.model.generate(input_ids=p.input_ids, **p.model_inputs, max_new_tokens=24, do_sample=False)
+        res = generate_speculative(runtime, draft, f, PROMPT, tree, max_new_tokens=24)
+        assert res.token_ids == hf[0, p.input_ids.shape[1]:].tolist()
+        accepted += res.stats["mean_accepted_length"]
+    assert accepted / 3 > 1.2, "the trained draft should get tokens accepted, so acceptance paths run"
+
+
+def test_training_rollout_matches_inference_draft(tiny, trained):
+    """Training-time test computes exactly what inference computes for the same rollout."""
+    target, _, recs = tiny
+    draft, _ = trained
+    k, r = 3, recs[0]
+    layers = draft.cfg.target_layers
+    batch = make_batch([r], draft.cfg, k)
+    with torch.no_grad():
+        train_logits = rollout_logits(draft, batch, k)  # k x [1, Q, V]
+    # inference: context from the prompt's states, then hand off answer positions up to p
+    runtime = Runtime(Target.load(target_dir(target)), max_len=512)
+    frames = _frames(0)
+    p = runtime.prepare(frames, PROMPT)
+    state, out = runtime.prefill(p, layers=layers)
+    ctx, _ = new_context(draft, out.hidden, p.visual_mask, 512)
+    n_prompt = p.input_ids.shape[1]
+    feats = {}
+    for q in range(3):  # the first three rollouts: p = prompt end - 1, then two answer positions
+        pos = n_prompt - 1 + q
+        if q:
+            step = runtime.step(state, r["ids"][pos:pos + 1][None], layers=layers)
+            f = draft.features(step.hidden)
+            ctx.extend(f, torch.tensor([[pos]]), torch.ones(1, 1, dtype=torch.bool))
+            feats[pos] = f
+        else:
+            feats[pos] = draft.features(out.hidden)[:, -1:]
+        tokens, h = r["ids"][pos + 1:pos + 1 + k], feats[pos]
+        chain = torch.ones(k, k, dtype=torch.bool).tril()
+        hs = [h[:, 0]]
+        with torch.no_grad():
+            for s in range(k):
+                out_h = draft.layer(tokens[None, :s + 1], torch.stack(hs, 1), (pos + 1 + torch.arange(s + 1))[None],
+                                    ctx.attend(pos + 1, chain[:s + 1, :s + 1]))
+                hs.append(out_h[:, -1])
+                torch.testing.assert_close(draft.logits(out_h[:, -1])[0], train_logits[s][0, q], atol=2e-4, rtol=1e-4)
+
+
+def test_window_never_holds_visual_positions(tiny, trained):
+    target, runtime, _ = tiny
+    draft, _ = trained
+    if draft.cfg.attend != "window":
+        pytest.skip("only the Sparrow draft has a text-anchor window")
+    p = runtime.prepare(_frames(3), PROMPT)
+    _, out = runtime.prefill(p, layers=draft.cfg.target_layers)
+    ctx, feats = new_context(draft, out.hidden, p.visual_mask, 512)
+    text_pos = torch.nonzero(~p.visual_mask).flatten()
+    held = ctx.ring_pos[0, :, 0].long()
+    valid = int(ctx.anchors.clamp(max=draft.cfg.window))
+    assert valid == min(len(text_pos), draft.cfg.window)
+    assert set(held[:valid].tolist()) == set(text_pos[-valid:].tolist())  # the last W text positions, no visual one
+    for slot in range(valid):
+        torch.testing.assert_close(ctx.ring[0, slot], feats[0, held[slot]])
+    # visual states reach the draft only through the glimpse layer: poison every other layer's visual rows
+    poisoned = {i: h.clone() for i, h in out.hidden.items()}
+    for i in draft.cfg.feature_layers:
+        if i != draft.cfg.glimpse_layer:
+            poisoned[i][:, p.visual_mask] = float("nan")
+    ctx2, _ = new_context(draft, poisoned, p.visual_mask, 512)
+    tree = TokenTree.chain(3)
+    root_feat = feats[:, -1:]
+    a, _ = _draft(draft, ctx, tree, root_feat, p)
+    b, _ = _draft(draft, ctx2, tree, root_feat, p)
+    assert torch.equal(a, b)
+
+
+def _draft(draft, ctx, tree, root_feat, p):
+    from sparrow.speculative import draft_tree
+
+    return draft_tree(draft, ctx, tree, 5, root_feat, p.input_ids.shape[1])
+
+
+def test_draft_step_cost_does_not_grow_with_video(tiny, trained):
+    """The window draft attends to W + G keys whatever the video length; EAGLE's context grows."""
+    target, runtime, _ = tiny
+    draft, _ = trained
+    sizes = []
+    for n in (8, 32):
+        p = runtime.prepare(_frames(4, n), PROMPT)
+        _, out = runtime.prefill(p, layers=draft.cfg.target_layers)
+        ctx, _ = new_context(draft, out.hidden, p.visual_mask, 512)
+        sizes.append(ctx.length if draft.cfg.attend == "prefix" else ctx.ring.shape[1] + ctx.glimpses.shape[1])
+    if draft.cfg.attend == "prefix":
+        assert sizes[1] - sizes[0] == (32 - 8) // 2 * 16
+    else:
+        assert sizes[0] == sizes[1] == draft.cfg.window + draft.cfg.glimpses
+
+
+def test_tree_rollback_keeps_the_accepted_path(tiny):
+    """After a tree verify, keeping a path leaves the cache as if only that path had been run."""
+    target, _, _ = tiny
+    rt = Runtime(Target.load(target_dir(target)), max_len=512, slots=2)
+    p = rt.prepare(_frames(5), PROMPT)
+    a, _ = rt.prefill(p, slot=0)
+    b, _ = rt.prefill(p, slot=1)
+    tree = TokenTree.from_paths([(0,), (1,), (0, 0), (1, 0), (1, 1)])  # nodes: 0 root, 1, 2, 3:(0,0), 4:(1,0), 5:(1,1)
+    tokens = torch.tensor([[7, 9, 10, 11, 12, 13]])
+    start = a.length
+    rt.step(a, tokens, tree.mask(), tree.depths())
+    path = [0, 2, 5]
+    rt.keep(a, start, path)
+    rt.step(b, tokens[:, path])
+    assert a.length == b.length == start + 3
+    nxt = torch.tensor([[20]])
+    torch.testing.assert_close(rt.step(a, nxt).logits, rt.step(b, nxt).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_token_tree_shapes():
+    chain = TokenTree.chain(3)
+    assert chain.is_chain and chain.size == 4
+    assert torch.equal(chain.mask(), torch.ones(4, 4, dtype=torch.bool).tril())
+    tree = TokenTree.spine(2, 2)  # root, (0), (1), (0,0), (0,1)
+    assert tree.parents == (-1, 0, 0, 1, 1) and tree.depths().tolist() == [0, 1, 1, 2, 2]
+    assert tree.mask()[3].tolist() == [True, True, False, True, False]
+    with pytest.raises(ValueError, match="no parent"):
+        TokenTree.from_paths([(0, 0)])
+
+
+def test_accept_greedy_walks_the_target_argmax():
+    tree = TokenTree.spine(2, 2)  # root, a=(0), b=(1), (0,0), (0,1)
+    tokens = torch.tensor([0, 4, 5, 6, 7])
+    logits = torch.full((5, 10), -1.0)
+    logits[0, 5] = logits[2, 9] = 1.0  # the target picks node 2's token, then 9 (no such child)
+    assert accept_greedy(tree, tokens, logits) == ([0, 2], 9)
+    logits[0, 5], logits[0, 4], logits[1, 7] = -1.0, 1.0, 1.0
+    assert accept_greedy(tree, tokens, logits)[0] == [0, 1, 4]
+
+
+def test_rejection_sampling_follows_the_target_distribution():
+    """Joint law of two generated tokens equals the target's p(t1) p(t2 | t1) (chi-square, V = 4)."""
+    v, n = 4, 40_000
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.softmax(torch.randn(v, generator=g) * 1.5, 0)
+    p2 = torch.softmax(torch.randn(v, v, generator=g) * 1.5, 1)  # p2[t1] = p(t2 | t1)
+    q1 = torch.softmax(torch.randn(v, generator=g) * 1.5, 0)
+    q2 = torch.softmax(torch.randn(v, v, generator=g) * 1.5, 1)
+    counts = torch.zeros(v, v)
+    for _ in range(n):
+        d1 = int(torch.multinomial(q1, 1, generator=g))
+        d2 = int(torch.multinomial(q2[d1], 1, generator=g))
+        tokens = torch.tensor([0, d1, d2])
+        q = torch.stack([torch.zeros(v), q1, q2[d1]])
+        p = torch.stack([p1, p2[d1], torch.full((v,), 1.0 / v)])
+        path, nxt = accept_sampled(tokens, q, p, g)
+        if len(path) == 1:  # t1 resampled; t2 comes from the next round's target
+            t1, t2 = nxt, int(torch.multinomial(p2[nxt], 1, generator=g))
+        elif len(path) == 2:
+            t1, t2 = d1, nxt
+        else:
+            t1, t2 = d1, d2
+        counts[t1, t2] += 1
+    expected = n * p1[:, None] * p2
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 37.7  # 15 degrees of freedom, p = 0.001
+
+
+def test_sampling_runs_end_to_end_and_rejects_trees(tiny, trained):
+    _, runtime, _ = tiny
+    draft, _ = trained
+    f = _frames(21)
+    a = generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(3), max_new_tokens=16, temperature=0.8, seed=1)
+    b = generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(3), max_new_tokens=16, temperature=0.8, seed=1)
+    assert a.token_ids == b.token_ids and 1 <= len(a.token_ids) <= 16
+    with pytest.raises(ValueError, match="chains only"):
+        generate_speculative(runtime, draft, f, PROMPT, TokenTree.spine(2), temperature=0.8)
+
+
+def test_ar_and_speculative_agree_on_the_runtime(tiny, trained):
+    _, runtime, _ = tiny
+    draft, _ = trained
+    f = _frames(30, 24)
+    ar = generate_ar(runtime, f, PROMPT, max_new_tokens=30)
+    assert generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(5), 30).token_ids == ar.token_ids
