@@ -54,6 +54,40 @@ def cmd_train_target(a):
     print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss")}))
 
 
+def cmd_train_draft(a):
+    from .draft import DraftConfig
+    from .draft_data import DraftDataConfig
+    from .train_draft import DraftTrainConfig, train_draft
+
+    target = _load_target(a.model)
+    text = target.model.config.text_config
+    glimpses = 0 if a.attend == "prefix" else a.glimpses
+    draft = DraftConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size, attend=a.attend, window=a.window,
+                        glimpses=glimpses, glimpse_layer=a.glimpse_layer,
+                        num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
+                        intermediate_size=text.intermediate_size,
+                        feature_layers=(1, text.num_hidden_layers // 2, text.num_hidden_layers))
+    data = DraftDataConfig(examples=a.examples, seed=a.seed, feature_layers=draft.feature_layers)
+    cfg = DraftTrainConfig(draft=draft, data=data, steps=a.steps, batch_size=a.batch_size,
+                           mtp_steps=a.mtp_steps, seed=a.seed)
+    rec = train_draft(target, cfg, a.data_dir, a.work_dir, a.out)
+    print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss", "holdout")}))
+
+
+def _load_draft(path: str | None, target, strategy: str):
+    from .demo.model import DEMO_DRAFTS
+    from .draft import Draft
+
+    where = Path(path) if path else DEMO_DRAFTS[strategy]
+    if not (where / "draft_config.json").is_file():
+        sys.exit(f"error: no {strategy} draft at {where} (give --draft, or train one with `sparrow train draft`)")
+    draft = Draft.load(where, target.model)
+    want = "prefix" if strategy == "eagle" else "window"
+    if draft.cfg.attend != want:
+        sys.exit(f"error: {where} holds a {draft.cfg.attend!r} draft; --strategy {strategy} needs {want!r}")
+    return draft
+
+
 def cmd_eval_target(a):
     from .evaluate import eval_target
 
@@ -83,21 +117,40 @@ def cmd_generate(a):
     except VideoError as e:
         sys.exit(f"error: {e}")
     target = _load_target(a.model)
+    try:
+        prompt_len = target.prepare(frames, prompt).input_ids.shape[1]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if a.strategy != "ar" and a.runtime != "sparrow":
+        sys.exit(f"error: --strategy {a.strategy} runs on the sparrow runtime only")
+    from .speculative import TokenTree, generate_speculative
+
+    try:
+        tree = TokenTree.static(a.draft_len, a.tree_width)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     engine = target
     if a.runtime == "sparrow":
         from .runtime import Runtime
 
-        prompt_len = target.prepare(frames, prompt).input_ids.shape[1]
-        engine = Runtime(target, max_len=prompt_len + a.max_new_tokens + 1)
-    res = generate_ar(engine, frames, prompt, max_new_tokens=a.max_new_tokens,
-                      temperature=a.temperature, seed=a.seed)
+        engine = Runtime(target, max_len=prompt_len + a.max_new_tokens + tree.size + 1)
+    try:
+        if a.strategy == "ar":
+            res = generate_ar(engine, frames, prompt, max_new_tokens=a.max_new_tokens,
+                              temperature=a.temperature, seed=a.seed)
+        else:
+            res = generate_speculative(engine, _load_draft(a.draft, target, a.strategy), frames, prompt, tree,
+                                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     res.stats["runtime"] = a.runtime
     if a.json:
         print(json.dumps(res.to_json()))
     else:
         print(f"Q: {prompt}\nA: {res.text}")
         s = res.stats
-        print(f"[{s['strategy']}] {s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, "
+        spec = (f", {s['mean_accepted_length']} tokens per target step" if s.get("mean_accepted_length") else "")
+        print(f"[{s['strategy']}] {s['new_tokens']} tokens, {s['tokens_per_s']} tok/s{spec}, "
               f"prefill {s['prefill_s']} s over {s['prompt_tokens']} tokens ({s['visual_tokens']} visual)",
               file=sys.stderr)
 
@@ -119,6 +172,49 @@ def cmd_bench_runtime(a):
     if a.json:
         write(rows, cfg, a.json)
         print(f"wrote {a.json} and {Path(a.json).with_suffix('.md')}")
+
+
+def cmd_bench_speedup(a):
+    from .benchmarks.speedup import SpeedupBenchConfig, run_bench, table, write
+
+    cfg = SpeedupBenchConfig(visual_tokens=a.visual_tokens, strategies=a.strategies, videos=a.videos,
+                             max_new_tokens=a.max_new_tokens, draft_len=a.draft_len, tree_width=a.tree_width,
+                             model=a.model, sparrow_draft=a.sparrow_draft, eagle_draft=a.eagle_draft,
+                             threads=a.threads)
+    rows = run_bench(cfg)
+    print(table(rows))
+    if a.json:
+        write(rows, cfg, a.json)
+        print(f"wrote {a.json}, {Path(a.json).with_suffix('.md')} and {Path(a.json).with_suffix('.png')}")
+
+
+def cmd_bench_acceptance(a):
+    from .benchmarks.acceptance import AcceptanceBenchConfig, run_bench, table, write
+    from .demo.model import DEMO_DRAFTS
+
+    drafts = dict(a.drafts) if a.drafts else {k: str(v) for k, v in DEMO_DRAFTS.items()}
+    cfg = AcceptanceBenchConfig(drafts=drafts, visual_tokens=a.visual_tokens, videos=a.videos,
+                                max_new_tokens=a.max_new_tokens, draft_len=a.draft_len, model=a.model,
+                                threads=a.threads)
+    rows = run_bench(cfg)
+    print(table(rows))
+    if a.json:
+        write(rows, cfg, a.json)
+        print(f"wrote {a.json} and {Path(a.json).with_suffix('.md')}")
+
+
+def _named_paths(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in (x for x in text.split(",") if x):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise argparse.ArgumentTypeError(f"expected name=path[,name=path...], got {item!r}")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_train_target)
 
+    p = train.add_parser("draft", help="train a Sparrow (or EAGLE baseline) draft on the target's states (resumable)")
+    _add_model_arg(p)
+    p.add_argument("--attend", default="window", choices=["window", "prefix"],
+                   help="window: Sparrow text-anchor window (VATA); prefix: EAGLE baseline over every position")
+    p.add_argument("--window", type=int, default=64, help="W: text anchors in the window")
+    p.add_argument("--glimpses", type=int, default=8, help="IVSB glimpse vectors (0: no bridging)")
+    p.add_argument("--glimpse-layer", type=int, default=2, help="target layer the glimpses are pooled from")
+    p.add_argument("--mtp-steps", type=int, default=5, help="rollout length in training (1: no multi-token training)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--examples", type=int, default=3000, help="demo videos the target answers for training data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="runs/draft_data", help="cached target states (shards); reused if present")
+    p.add_argument("--work-dir", default="runs/draft_work", help="checkpoints; resumed if present")
+    p.add_argument("--out", default="runs/demo_draft", help="where the trained draft is saved")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_train_draft)
+
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="what", required=True)
     p = ev.add_parser("target", help="answer accuracy on fresh demo videos, and with blank frames")
     _add_model_arg(p)
@@ -157,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer a question about a video")
     p.add_argument("--video", required=True, help="mp4/webm file")
     p.add_argument("--prompt", default=None, help="question (default: the demo sidecar's question)")
-    p.add_argument("--strategy", default="ar", choices=["ar"], help="decoding strategy")
+    p.add_argument("--strategy", default="sparrow", choices=["sparrow", "eagle", "ar"],
+                   help="sparrow: Sparrow draft + verify; eagle: full-context draft baseline; ar: target alone")
+    p.add_argument("--draft", default=None, help="draft directory (default: the embedded demo draft of --strategy)")
+    p.add_argument("--draft-len", type=int, default=5, help="K: drafted tokens per verify (tree depth)")
+    p.add_argument("--tree-width", type=int, default=1,
+                   help="1: a chain; w > 1: a static tree with the top-w draft tokens at every depth (greedy only)")
     p.add_argument("--runtime", default="sparrow", choices=["sparrow", "hf"],
                    help="sparrow: the owned-KV-cache runtime; hf: stock transformers cache")
     _add_model_arg(p)
@@ -177,6 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write the rows here (and a markdown table next to it)")
     p.set_defaults(fn=cmd_bench_runtime)
+
+    p = bench.add_parser("speedup", help="ar vs eagle vs sparrow (and transformers generate) on the same videos")
+    p.add_argument("--visual-tokens", type=_int_list, default=(1024, 4096, 16384, 25600))
+    p.add_argument("--strategies", type=_str_list, default=("ar", "eagle", "sparrow", "hf"),
+                   help="comma-separated: ar, eagle, sparrow, hf (transformers generate), hf_lookup (prompt lookup)")
+    p.add_argument("--videos", type=int, default=3, help="held-out demo videos per size")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--draft-len", type=int, default=5, help="K")
+    p.add_argument("--tree-width", type=int, default=1, help="1: chain; w > 1: top-w static tree")
+    p.add_argument("--threads", type=int, default=2)
+    _add_model_arg(p)
+    p.add_argument("--sparrow-draft", default=None, help="default: the embedded demo draft")
+    p.add_argument("--eagle-draft", default=None, help="default: the embedded EAGLE baseline draft")
+    p.add_argument("--json", default=None, help="write rows here (and .md table, .png plot next to it)")
+    p.set_defaults(fn=cmd_bench_speedup)
+
+    p = bench.add_parser("acceptance", help="greedy lossless vs transformers generate, and mean accepted "
+                                            "length per draft (the ablation table)")
+    p.add_argument("--drafts", type=_named_paths, default=None,
+                   help="name=dir[,name=dir...] (default: the embedded sparrow and eagle drafts)")
+    p.add_argument("--visual-tokens", type=int, default=1024)
+    p.add_argument("--videos", type=int, default=100, help="held-out demo videos")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
+    p.add_argument("--threads", type=int, default=2)
+    _add_model_arg(p)
+    p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
+    p.set_defaults(fn=cmd_bench_acceptance)
     return ap
 
 

@@ -18,6 +18,7 @@ Embedding and LM head are the target's, shared and frozen.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,10 +78,14 @@ class DraftConfig:
         return cls(**d)
 
 
+@functools.lru_cache(maxsize=8)
+def _inv_freq(d: int, theta: float) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [D/2]
+
+
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half). x `[..., T, D]`, positions broadcastable to `[..., T]`."""
-    d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)  # [D/2]
+    inv = _inv_freq(x.shape[-1], theta).to(x.device)
     ang = positions.to(torch.float32)[..., None] * inv  # [..., T, D/2]
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -220,7 +225,7 @@ class WindowContext:
         self.ring_pos = torch.zeros(1, cfg.window, 1, dtype=torch.float32)  # [1, W, 1]
         self.anchors = torch.zeros(1, dtype=torch.int64)
         self.glimpses = glimpses  # [1, G, H] or None
-        self._kv = None
+        self._kv = None  # (first_pos, keys, values, valid slots) of the current round
 
     def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor) -> None:
         """Hand off accepted positions: feats `[1, T, H]`, positions `[1, T]`, text_mask `[1, T]`."""
@@ -235,15 +240,16 @@ class WindowContext:
         """The attention callable for draft tokens at `first_pos`.. under `mask` `[T, T]` over themselves."""
         from .plugins.ops import window_attention
 
-        if self._kv is None:
-            self._kv = self.draft.kv(self.ring, self.ring_pos[..., 0])  # [1, Hkv, W, D] each
-        k_win, v_win = self._kv
-        valid = self.anchors.clamp(max=self.draft.cfg.window)
-        if self.glimpses is not None:
-            # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
-            kg, vg = self.draft.kv(self.glimpses, torch.full(self.glimpses.shape[:2], first_pos - 1))
-            k_win, v_win = torch.cat([kg, k_win], 2), torch.cat([vg, v_win], 2)  # [1, Hkv, G + W, D]
-            valid = valid + kg.shape[2]
+        if self._kv is None or self._kv[0] != first_pos:  # once per round: the window only changes at handoff
+            k_win, v_win = self.draft.kv(self.ring, self.ring_pos[..., 0])  # [1, Hkv, W, D] each
+            valid = self.anchors.clamp(max=self.draft.cfg.window)
+            if self.glimpses is not None:
+                # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
+                kg, vg = self.draft.kv(self.glimpses, torch.full(self.glimpses.shape[:2], first_pos - 1))
+                k_win, v_win = torch.cat([kg, k_win], 2), torch.cat([vg, v_win], 2)  # [1, Hkv, G + W, D]
+                valid = valid + kg.shape[2]
+            self._kv = (first_pos, k_win, v_win, valid)
+        _, k_win, v_win, valid = self._kv
 
         def fn(q, k, v):
             return window_attention(q, k_win, v_win, valid, k, v, mask)

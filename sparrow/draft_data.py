@@ -9,6 +9,7 @@ Records are cached to disk in shards, so an interrupted run resumes at the next 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def record(runtime: Runtime, frames: np.ndarray, prompt: str, cfg: DraftDataConf
 def build_shards(target: Target, out_dir: str | Path, cfg: DraftDataConfig) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = out / "data.json"
+    if meta.is_file() and json.loads(meta.read_text()) != json.loads(json.dumps(cfg.to_json())):
+        raise ValueError(f"{out} holds draft data made with another config ({meta}); use a fresh data directory")
+    meta.write_text(json.dumps(cfg.to_json(), indent=1))
     runtime = Runtime(target, max_len=max(cfg.frames) // 2 * (cfg.side // 16) ** 2 + cfg.max_new_tokens + 64)
     shards = []
     n_shards = -(-cfg.examples // cfg.shard_size)

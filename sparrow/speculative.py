@@ -59,6 +59,13 @@ class TokenTree:
         paths = [(0,) * (d - 1) + (r,) for d in range(1, k + 1) for r in range(width)]
         return cls.from_paths(paths)
 
+    @classmethod
+    def static(cls, k: int, width: int = 1) -> "TokenTree":
+        """A chain of K when width is 1, else the top-`width` spine tree of depth K."""
+        if width < 1:
+            raise ValueError(f"tree width must be at least 1, got {width}")
+        return cls.chain(k) if width == 1 else cls.spine(k, width)
+
     @property
     def size(self) -> int:
         return len(self.parents)

@@ -186,10 +186,11 @@ def evaluate(draft: Draft, recs: list[dict], k: int, batch_size: int = 16) -> di
             "expected_accepted_length": round(1 + float(runs.sum(-1).mean()), 3)}
 
 
-def train_draft(target: Target, cfg: DraftTrainConfig, work_dir: str | Path, out: str | Path | None,
-                progress: bool = True) -> dict:
+def train_draft(target: Target, cfg: DraftTrainConfig, data_dir: str | Path, work_dir: str | Path,
+                out: str | Path | None, progress: bool = True) -> dict:
     work = Path(work_dir)
-    shards = build_shards(target, work / "data", cfg.data)
+    work.mkdir(parents=True, exist_ok=True)
+    shards = build_shards(target, data_dir, cfg.data)
     recs = load_shards(shards)
     train, held = recs[:-cfg.holdout], recs[-cfg.holdout:]
     torch.manual_seed(cfg.seed)

@@ -8,6 +8,7 @@ from .tokenizer import build_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_TARGET_DIR = ASSETS / "demo_target"
+DEMO_DRAFTS = {"sparrow": ASSETS / "demo_draft", "eagle": ASSETS / "demo_eagle"}
 
 
 def demo_config(tokenizer=None):

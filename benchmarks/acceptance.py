@@ -1,0 +1,97 @@
+"""`sparrow bench acceptance`: lossless check against transformers `generate`, and the ablation table.
+
+Every draft runs greedy speculative decoding on the same held-out demo videos; each output is
+compared token for token with stock Hugging Face `generate` (greedy) on a separate, untouched copy
+of the target. Rows: draft, attend, window, glimpses, mtp_steps, train_steps, videos,
+lossless_videos, mean_accepted_length, holdout_expected_length (the offline estimate training
+printed), visual_tokens, draft_len.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .runtime import machine
+from .speedup import bench_videos
+
+
+@dataclass
+class AcceptanceBenchConfig:
+    drafts: dict[str, str] = field(default_factory=dict)  # name -> draft directory
+    visual_tokens: int = 1024
+    videos: int = 100
+    max_new_tokens: int = 48
+    draft_len: int = 5
+    model: str | None = None
+    threads: int = 2
+
+    def __post_init__(self):
+        if not self.drafts:
+            raise ValueError("name at least one draft")
+        if self.videos < 1 or self.draft_len < 1:
+            raise ValueError("videos and draft_len must be at least 1")
+
+
+def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
+    import torch
+    from tqdm import tqdm
+
+    from sparrow.demo.model import DEMO_TARGET_DIR
+    from sparrow.draft import Draft
+    from sparrow.runtime import Runtime
+    from sparrow.speculative import TokenTree, generate_speculative
+    from sparrow.target import Target
+
+    torch.set_num_threads(cfg.threads)
+    path = cfg.model or DEMO_TARGET_DIR
+    reference = Target.load(path)  # stock transformers, never touched by the runtime
+    target = Target.load(path)
+    drafts = {name: Draft.load(d, target.model) for name, d in cfg.drafts.items()}
+    videos = bench_videos(cfg.visual_tokens, cfg.videos)
+    longest = max(reference.prepare(f, p).input_ids.shape[1] for f, p in videos)
+    tree = TokenTree.chain(cfg.draft_len)
+    runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + tree.size + 1)
+    stats = {name: {"lossless": 0, "new": 0, "steps": 0} for name in drafts}
+    for frames, prompt in tqdm(videos, desc="bench acceptance", disable=not progress):
+        p = reference.prepare(frames, prompt)
+        with torch.inference_mode():
+            hf = reference.model.generate(input_ids=p.input_ids, **p.model_inputs, do_sample=False,
+                                          max_new_tokens=cfg.max_new_tokens)
+        expect = hf[0, p.input_ids.shape[1]:].tolist()
+        for name, draft in drafts.items():
+            res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens)
+            s = stats[name]
+            s["lossless"] += res.token_ids == expect
+            s["new"] += res.stats["new_tokens"] - 1
+            s["steps"] += res.stats["target_steps"]
+    rows = []
+    for name, draft in drafts.items():
+        meta_file = Path(cfg.drafts[name]) / "training.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        s = stats[name]
+        rows.append({"draft": name, "attend": draft.cfg.attend, "window": draft.cfg.window,
+                     "glimpses": draft.cfg.glimpses, "mtp_steps": meta.get("config", {}).get("mtp_steps"),
+                     "train_steps": meta.get("config", {}).get("steps"), "videos": len(videos),
+                     "lossless_videos": s["lossless"], "mean_accepted_length": round(s["new"] / max(s["steps"], 1), 3),
+                     "holdout_expected_length": meta.get("holdout", {}).get("expected_accepted_length"),
+                     "visual_tokens": cfg.visual_tokens, "draft_len": cfg.draft_len})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    keys = ["draft", "attend", "window", "glimpses", "mtp_steps", "train_steps", "mean_accepted_length",
+            "holdout_expected_length", "lossless_videos", "videos"]
+    lines = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], cfg: AcceptanceBenchConfig, out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": machine(), "config": asdict(cfg)}
+    out.write_text(json.dumps([dict(r, **meta) for r in rows], indent=1))
+    out.with_suffix(".md").write_text(table(rows) + "\n")
