@@ -63,6 +63,11 @@ def runtime_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if sparrow_plan is None:
         raise RuntimeError("the sparrow runtime attention needs a step plan; call it through Runtime")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.is_cuda:
+        # Imported here: the Triton kernels are decorated at import, and CPU runs never need them.
+        from .attention_triton import runtime_attention as triton_runtime_attention
+
+        return triton_runtime_attention(query, key, value, sparrow_plan, scale), None
     outs = []
     for b, (slot, past) in enumerate(zip(sparrow_plan.slots, sparrow_plan.starts)):
         outs.append(multi_token_attention(query[b], key[slot], value[slot], past, sparrow_plan.tail_mask, scale))
