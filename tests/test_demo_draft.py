@@ -1,0 +1,55 @@
+"""The embedded demo drafts: lossless against transformers generate, and drafts that get accepted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparrow.benchmarks.speedup import bench_videos
+from sparrow.demo.model import DEMO_DRAFTS, DEMO_TARGET_DIR
+from sparrow.draft import Draft
+from sparrow.runtime import Runtime
+from sparrow.speculative import TokenTree, generate_speculative
+from sparrow.target import Target
+
+
+@pytest.fixture(scope="module")
+def setup():
+    reference = Target.load(DEMO_TARGET_DIR)
+    target = Target.load(DEMO_TARGET_DIR)
+    drafts = {name: Draft.load(path, target.model) for name, path in DEMO_DRAFTS.items()}
+    return reference, Runtime(target, max_len=1200), drafts
+
+
+@pytest.mark.parametrize("tree", [TokenTree.chain(5), TokenTree.spine(4, 2)], ids=["chain", "tree"])
+def test_embedded_drafts_are_lossless_and_accepted(setup, tree):
+    reference, runtime, drafts = setup
+    accepted = {name: [] for name in drafts}
+    for frames, prompt in bench_videos(512, 4):
+        p = reference.prepare(frames, prompt)
+        hf = reference.model.generate(input_ids=p.input_ids, **p.model_inputs, do_sample=False, max_new_tokens=40)
+        expect = hf[0, p.input_ids.shape[1]:].tolist()
+        for name, draft in drafts.items():
+            res = generate_speculative(runtime, draft, frames, prompt, tree, max_new_tokens=40)
+            assert res.token_ids == expect, name
+            accepted[name].append(res.stats["mean_accepted_length"])
+    for name, values in accepted.items():
+        assert sum(values) / len(values) > 2.0, (name, values)  # trained drafts, not random ones
+
+
+def test_cli_generate_strategies_agree(tmp_path):
+    video = tmp_path / "v.mp4"
+    cli = [sys.executable, "-m", "sparrow.cli"]
+    subprocess.run(cli + ["demo", "video", "--seed", "12", "--out", str(video)], check=True, capture_output=True)
+    outs = {}
+    for strategy in ("ar", "sparrow", "eagle"):
+        run = subprocess.run(cli + ["generate", "--video", str(video), "--prompt", "describe the video .",
+                                    "--strategy", strategy, "--json"], check=True, capture_output=True, text=True)
+        outs[strategy] = json.loads(run.stdout)
+    assert outs["sparrow"]["token_ids"] == outs["ar"]["token_ids"] == outs["eagle"]["token_ids"]
+    assert outs["sparrow"]["stats"]["mean_accepted_length"] > 1.5
+    err = subprocess.run(cli + ["generate", "--video", str(video), "--prompt", "describe the video .",
+                                "--strategy", "sparrow", "--tree-width", "2", "--temperature", "0.7"],
+                         capture_output=True, text=True)
+    assert err.returncode != 0 and "chains only" in err.stderr
