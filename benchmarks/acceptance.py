@@ -71,7 +71,8 @@ def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
         meta_file = Path(cfg.drafts[name]) / "training.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         s = stats[name]
-        rows.append({"draft": name, "attend": draft.cfg.attend, "window": draft.cfg.window,
+        window = draft.cfg.window if draft.cfg.attend == "window" else None  # the prefix draft has no window
+        rows.append({"draft": name, "attend": draft.cfg.attend, "window": window,
                      "glimpses": draft.cfg.glimpses, "mtp_steps": meta.get("config", {}).get("mtp_steps"),
                      "train_steps": meta.get("config", {}).get("steps"), "videos": len(videos),
                      "lossless_videos": s["lossless"], "mean_accepted_length": round(s["new"] / max(s["steps"], 1), 3),
