@@ -27,6 +27,9 @@ class SpeedupBenchConfig:
     strategies: tuple[str, ...] = ("ar", "eagle", "sparrow", "hf")
     videos: int = 3
     max_new_tokens: int = 48
+    # Fixed-length decoding (transformers' min_new_tokens = max_new_tokens), as throughput benchmarks
+    # do: every strategy decodes the same number of tokens at every size. 0: stop at end-of-turn.
+    min_new_tokens: int | None = None
     draft_len: int = 5
     tree_width: int = 1
     model: str | None = None
@@ -44,6 +47,10 @@ class SpeedupBenchConfig:
             raise ValueError("speedups are measured against ar: include it")
         if self.videos < 1 or self.max_new_tokens < 2 or self.draft_len < 1:
             raise ValueError("videos >= 1, max_new_tokens >= 2 and draft_len >= 1 are required")
+        if self.min_new_tokens is None:
+            self.min_new_tokens = self.max_new_tokens
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must lie in [0, {self.max_new_tokens}]")
 
 
 def bench_videos(n_visual: int, count: int) -> list:
@@ -56,7 +63,7 @@ def bench_videos(n_visual: int, count: int) -> list:
             for i in range(count)]
 
 
-def _hf_generate(target, frames, prompt, max_new_tokens: int, lookup: bool) -> tuple[list[int], float]:
+def _hf_generate(target, frames, prompt, cfg: SpeedupBenchConfig, lookup: bool) -> tuple[list[int], float]:
     """Stock transformers generate; decode time = time(N tokens) - time(1 token), i.e. without prefill."""
     import torch
 
@@ -66,9 +73,9 @@ def _hf_generate(target, frames, prompt, max_new_tokens: int, lookup: bool) -> t
         kw["prompt_lookup_num_tokens"] = 5
     times = []
     with torch.inference_mode():
-        for n in (1, max_new_tokens):
+        for n in (1, cfg.max_new_tokens):
             t0 = time.perf_counter()
-            out = target.model.generate(**kw, max_new_tokens=n)
+            out = target.model.generate(**kw, max_new_tokens=n, min_new_tokens=min(n, cfg.min_new_tokens))
             times.append(time.perf_counter() - t0)
     return out[0, p.input_ids.shape[1]:].tolist(), max(times[1] - times[0], 1e-9)
 
@@ -91,7 +98,7 @@ def _measure(args) -> dict:
     tokens, runs, draft = [], [], None
     if strategy.startswith("hf"):
         for frames, prompt in videos:
-            toks, decode_s = _hf_generate(target, frames, prompt, cfg.max_new_tokens, strategy == "hf_lookup")
+            toks, decode_s = _hf_generate(target, frames, prompt, cfg, strategy == "hf_lookup")
             tokens.append(toks)
             runs.append({"new_tokens": len(toks), "decode_s": decode_s})
     else:
@@ -103,14 +110,17 @@ def _measure(args) -> dict:
             draft = Draft.load(path, target.model)
         for frames, prompt in videos:
             if draft is None:
-                res = generate_ar(runtime, frames, prompt, cfg.max_new_tokens)
+                res = generate_ar(runtime, frames, prompt, cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
             else:
-                res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens)
+                res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens,
+                                           min_new_tokens=cfg.min_new_tokens)
             tokens.append(res.token_ids)
             runs.append(res.stats)
     new = sum(r["new_tokens"] for r in runs)
     decode = sum(r["decode_s"] for r in runs)
+    text = target.tokenizer.decode(tokens[0], skip_special_tokens=True)
     row = {"visual_tokens": n_visual, "strategy": strategy, "tokens_per_s": round(new / decode, 2),
+           "sample_text": text,
            "new_tokens": new, "videos": len(videos), "peak_rss_mb": round(peak_rss_mb(), 1), "tokens": tokens,
            "mean_accepted_length": None, "draft_ms_per_step": None, "verify_ms_per_step": None, "prefill_s": None}
     if not strategy.startswith("hf"):

@@ -137,10 +137,11 @@ def cmd_generate(a):
     try:
         if a.strategy == "ar":
             res = generate_ar(engine, frames, prompt, max_new_tokens=a.max_new_tokens,
-                              temperature=a.temperature, seed=a.seed)
+                              temperature=a.temperature, seed=a.seed, min_new_tokens=a.min_new_tokens)
         else:
             res = generate_speculative(engine, _load_draft(a.draft, target, a.strategy), frames, prompt, tree,
-                                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+                                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                                       min_new_tokens=a.min_new_tokens)
     except ValueError as e:
         sys.exit(f"error: {e}")
     res.stats["runtime"] = a.runtime
@@ -178,7 +179,8 @@ def cmd_bench_speedup(a):
     from .benchmarks.speedup import SpeedupBenchConfig, run_bench, table, write
 
     cfg = SpeedupBenchConfig(visual_tokens=a.visual_tokens, strategies=a.strategies, videos=a.videos,
-                             max_new_tokens=a.max_new_tokens, draft_len=a.draft_len, tree_width=a.tree_width,
+                             max_new_tokens=a.max_new_tokens, min_new_tokens=0 if a.natural_stop else None,
+                             draft_len=a.draft_len, tree_width=a.tree_width,
                              model=a.model, sparrow_draft=a.sparrow_draft, eagle_draft=a.eagle_draft,
                              threads=a.threads)
     rows = run_bench(cfg)
@@ -282,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-frames", type=int, default=None, help="sample this many frames (default: all)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-turn before this many tokens")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
@@ -303,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: ar, eagle, sparrow, hf (transformers generate), hf_lookup (prompt lookup)")
     p.add_argument("--videos", type=int, default=3, help="held-out demo videos per size")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--natural-stop", action="store_true",
+                   help="stop at end-of-turn (default: every strategy decodes exactly --max-new-tokens, "
+                        "transformers' min_new_tokens)")
     p.add_argument("--draft-len", type=int, default=5, help="K")
     p.add_argument("--tree-width", type=int, default=1, help="1: chain; w > 1: top-w static tree")
     p.add_argument("--threads", type=int, default=2)

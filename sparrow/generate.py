@@ -30,11 +30,30 @@ def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
-                temperature: float = 0.0, seed: int = 0) -> GenerationResult:
-    """Plain autoregressive decoding: one target step per token, stopping at end-of-turn."""
+def hold_eos(logits: torch.Tensor, index: torch.Tensor, min_new_tokens: int, eos: set[int]) -> torch.Tensor:
+    """transformers' `min_new_tokens`: end-of-turn is impossible before that many new tokens.
+
+    logits `[N, V]`, row i choosing output token number `index[i]` (0-based); returns a copy if held.
+    """
+    held = index.to(logits.device) < min_new_tokens  # [N]
+    if not eos or not bool(held.any()):
+        return logits
+    logits = logits.clone()
+    logits[held.nonzero()[:, :1], torch.tensor(sorted(eos), device=logits.device)] = float("-inf")
+    return logits
+
+
+def check_lengths(max_new_tokens: int, min_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must lie in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+
+
+def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
+                temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0) -> GenerationResult:
+    """Plain autoregressive decoding: one target step per token, stopping at end-of-turn."""
+    check_lengths(max_new_tokens, min_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     p = target.prepare(frames, prompt)
@@ -42,7 +61,8 @@ def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_n
     t1 = time.perf_counter()
     tokens: list[int] = []
     while True:
-        tok = _pick(out.logits[0, -1], temperature, gen)
+        logits = hold_eos(out.logits[0, -1:], torch.tensor([len(tokens)]), min_new_tokens, target.eos_token_ids)
+        tok = _pick(logits[0], temperature, gen)
         tokens.append(tok)
         if tok in target.eos_token_ids or len(tokens) == max_new_tokens:
             break

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .draft import Draft, PrefixContext, WindowContext
-from .generate import GenerationResult, _pick
+from .generate import GenerationResult, _pick, check_lengths, hold_eos
 from .runtime import Runtime
 
 
@@ -177,9 +177,8 @@ def accept_sampled(tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 
 def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, prompt: str,
                          tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
-                         seed: int = 0) -> GenerationResult:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+                         seed: int = 0, min_new_tokens: int = 0) -> GenerationResult:
+    check_lengths(max_new_tokens, min_new_tokens)
     if temperature > 0 and not tree.is_chain:
         raise ValueError("sampling (temperature > 0) verifies chains only; use a chain draft")
     gen = torch.Generator().manual_seed(seed)
@@ -189,7 +188,7 @@ def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, pro
     layers = draft.cfg.target_layers
     state, out = runtime.prefill(p, layers=layers)
     ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.cache.max_len)
-    tokens = [_pick(out.logits[0, -1], temperature, gen)]
+    tokens = [_pick(hold_eos(out.logits[0, -1:], torch.tensor([0]), min_new_tokens, eos)[0], temperature, gen)]
     root_feat, root_pos = feats[:, -1:], state.length  # the root token sits at cache index root_pos
     t1 = time.perf_counter()
     steps, draft_s, verify_s = 0, 0.0, 0.0
@@ -203,11 +202,12 @@ def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, pro
         verify_s += time.perf_counter() - tb
         draft_s += tb - ta
         steps += 1
+        logits = hold_eos(out.logits[0], len(tokens) + depths, min_new_tokens, eos)  # node i picks token len + depth
         if temperature > 0:
-            target_p = torch.softmax(out.logits[0].float() / temperature, -1)  # [N, V]
+            target_p = torch.softmax(logits.float() / temperature, -1)  # [N, V]
             path, nxt = accept_sampled(drafted, q, target_p, gen)
         else:
-            path, nxt = accept_greedy(tree, drafted, out.logits[0])
+            path, nxt = accept_greedy(tree, drafted, logits)
         runtime.keep(state, start, path)
         feats = draft.features({i: out.hidden[i][:, path] for i in draft.cfg.feature_layers})  # [1, P, H]
         ctx.extend(feats, (start + torch.arange(len(path)))[None], torch.ones(1, len(path), dtype=torch.bool))

@@ -253,3 +253,19 @@ def test_ar_and_speculative_agree_on_the_runtime(tiny, trained):
     f = _frames(30, 24)
     ar = generate_ar(runtime, f, PROMPT, max_new_tokens=30)
     assert generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(5), 30).token_ids == ar.token_ids
+
+
+def test_min_new_tokens_matches_transformers(tiny, trained):
+    """Fixed-length decoding (end-of-turn held back) stays lossless, as transformers' min_new_tokens."""
+    target, runtime, _ = tiny
+    draft, _ = trained
+    f = _frames(31)
+    p = target.prepare(f, PROMPT)
+    hf = target.model.generate(input_ids=p.input_ids, **p.model_inputs, max_new_tokens=30, min_new_tokens=30,
+                               do_sample=False)[0, p.input_ids.shape[1]:].tolist()
+    assert len(hf) == 30 and not set(hf[:-1]) & runtime.eos_token_ids
+    assert generate_ar(runtime, f, PROMPT, max_new_tokens=30, min_new_tokens=30).token_ids == hf
+    for tree in (TokenTree.chain(4), TokenTree.spine(3, 2)):
+        assert generate_speculative(runtime, draft, f, PROMPT, tree, 30, min_new_tokens=30).token_ids == hf
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate_ar(runtime, f, PROMPT, max_new_tokens=5, min_new_tokens=6)
