@@ -83,13 +83,21 @@ def _inv_freq(d: int, theta: float) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [D/2]
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half). x `[..., T, D]`, positions broadcastable to `[..., T]`."""
-    inv = _inv_freq(x.shape[-1], theta).to(x.device)
-    ang = positions.to(torch.float32)[..., None] * inv  # [..., T, D/2]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+def rope_angles(positions: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[..., T, D]` for positions `[..., T]` (rotate-half layout)."""
+    ang = positions.to(torch.float32)[..., None] * _inv_freq(d, theta).to(positions.device)  # [..., T, D/2]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half). x `[..., T, D]`, positions broadcastable to `[..., T]`."""
+    return apply_rope(x, *rope_angles(positions, x.shape[-1], theta))
 
 
 class RMSNorm(nn.Module):
@@ -141,12 +149,14 @@ class Draft(nn.Module):
         """Fuse the target's low/mid/high states `[..., T, H]` each -> `[..., T, H]`."""
         return self.fuse(torch.cat([hidden[i].to(self.fuse.weight.dtype) for i in self.cfg.feature_layers], -1))
 
+    def _heads(self, proj: nn.Linear, n: torch.Tensor) -> torch.Tensor:
+        b, t, _ = n.shape
+        return proj(n).view(b, t, -1, self.cfg.head_dim).transpose(1, 2)  # [B, heads, T, D]
+
     def kv(self, x: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of residual-stream vectors x `[B, T, H]` -> `[B, Hkv, T, D]` each (rotated if positioned)."""
-        b, t, _ = x.shape
         n = self.ln_attn(x)
-        k = self.k(n).view(b, t, self.cfg.num_kv_heads, -1).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v(n).view(b, t, self.cfg.num_kv_heads, -1).transpose(1, 2)
+        k, v = self._heads(self.k, n), self._heads(self.v, n)
         if positions is not None:
             k = rotate(k, positions[:, None], self.cfg.rope_theta)
         return k, v
@@ -159,10 +169,11 @@ class Draft(nn.Module):
         """
         b, t = tokens.shape
         x = self.inp(torch.cat([F.embedding(tokens, self.embed).to(feats.dtype), feats], -1))  # [B, T, H]
-        k, v = self.kv(x, positions)
-        q = self.q(self.ln_attn(x)).view(b, t, self.cfg.num_heads, -1).transpose(1, 2)  # [B, Hq, T, D]
-        q = rotate(q, positions[:, None], self.cfg.rope_theta)
-        x = x + self.o(attend(q, k, v).transpose(1, 2).reshape(b, t, -1))
+        n = self.ln_attn(x)
+        cos, sin = rope_angles(positions[:, None], self.cfg.head_dim, self.cfg.rope_theta)  # [B, 1, T, D]
+        q = apply_rope(self._heads(self.q, n), cos, sin)  # [B, Hq, T, D]
+        k = apply_rope(self._heads(self.k, n), cos, sin)  # [B, Hkv, T, D]
+        x = x + self.o(attend(q, k, self._heads(self.v, n)).transpose(1, 2).reshape(b, t, -1))
         n = self.ln_mlp(x)
         return x + self.down(F.silu(self.gate(n)) * self.up(n))
 
