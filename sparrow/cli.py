@@ -219,9 +219,24 @@ def _str_list(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x)
 
 
+def cmd_build(a):
+    from .convert.build import main as build_main
+
+    if bool(a.recipe) == bool(a.verify):
+        sys.exit("error: give exactly one of --recipe RECIPE.yaml or --verify DIR")
+    sys.exit(build_main(a.recipe, a.out, a.verify))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparrow", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build engine artifacts from a recipe (exit 0 complete, 3 prepared for a "
+                                     "GPU host, 2 recipe error, 1 --verify found a problem)")
+    p.add_argument("--recipe", help="engines/<name>.yaml")
+    p.add_argument("--out", help="output directory (default: engines/build/<name> beside the recipe)")
+    p.add_argument("--verify", metavar="DIR", help="re-hash an existing build against its manifest.json")
+    p.set_defaults(fn=cmd_build)
 
     demo = sub.add_parser("demo", help="demo-world data").add_subparsers(dest="what", required=True)
     p = demo.add_parser("video", help="write a demo video (mp4) and its ground truth (json)")
