@@ -156,6 +156,34 @@ def cmd_generate(a):
               file=sys.stderr)
 
 
+def cmd_serve(a):
+    import signal
+
+    from .serving import ServeConfig, start_server
+
+    cfg = ServeConfig(max_video_bytes=int(a.max_video_mb * (1 << 20)), max_frames=a.max_frames,
+                      draft_len=a.draft_len, max_len=a.max_len, max_tokens_limit=a.max_tokens_limit)
+    try:
+        server = start_server(Path(a.work_dir), cfg, http_port=a.http_port, grpc_port=a.grpc_port,
+                              metrics_port=a.metrics_port)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        print(f"starting tritonserver (log: {server.log}) ...", file=sys.stderr)
+        server.wait_ready(a.ready_timeout)
+        print(f"READY: gRPC localhost:{a.grpc_port}  HTTP localhost:{a.http_port}  "
+              f"metrics http://localhost:{a.metrics_port}/metrics  model: sparrow\n"
+              f"try: sparrow-client infer --url localhost:{a.grpc_port} --video runs/sample.mp4 --prompt '...'",
+              flush=True)
+        server.process.wait()
+        sys.exit(f"error: tritonserver exited with code {server.process.returncode}; log: {server.log}")
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        server.stop()
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x)
@@ -284,6 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="evaluation video set (never used in training)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval_target)
+
+    p = sub.add_parser("serve", help="serve the embedded demo pair with Triton Inference Server (gRPC + HTTP)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--work-dir", default="runs/serve", help="where the runnable model repository and log go")
+    p.add_argument("--max-frames", type=int, default=256, help="refuse videos with more frames")
+    p.add_argument("--max-video-mb", type=float, default=64.0, help="refuse larger video files")
+    p.add_argument("--max-len", type=int, default=16384, help="KV cache positions (prompt + video + answer)")
+    p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
+    p.add_argument("--draft-len", type=int, default=5, help="tokens the Sparrow draft proposes per step")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every model to load")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("generate", help="answer a question about a video")
     p.add_argument("--video", required=True, help="mp4/webm file")

@@ -1,0 +1,248 @@
+"""Triton serving: request checks used by the model repository (`triton_repo/`), laying out a runnable
+copy of that repository, and starting the real `tritonserver` shipped in the `nvidia-pytriton` wheel.
+
+Imports neither torch nor tritonclient at module level: the Python-backend models and `sparrow serve`
+both use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("preprocessing", "sparrow_llm", "postprocessing", "sparrow")
+ENSEMBLE = "sparrow"
+STRATEGIES = ("sparrow", "ar")
+
+
+class RequestError(ValueError):
+    """A request the server refuses; the message is sent back to the client as the error."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Values filled into the repository's config.pbtxt parameters (`${name}`)."""
+    max_video_bytes: int = 64 << 20
+    max_frames: int = 256
+    max_prompt_chars: int = 2000
+    draft_len: int = 5
+    max_len: int = 16384
+    max_tokens_limit: int = 256
+
+
+# ---- request checks (run inside the Python-backend models) --------------------------------------
+
+def param(model_config: dict, key: str) -> str:
+    return model_config["parameters"][key]["string_value"]
+
+
+def one_string(array: np.ndarray, name: str) -> str:
+    """The single BYTES element of a `[1]` input, decoded as UTF-8."""
+    if array.size != 1:
+        raise RequestError(f"{name} must hold exactly one element, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name} is not valid UTF-8: {e}") from e
+
+
+def one_int(array: np.ndarray, name: str) -> int:
+    if array.size != 1:
+        raise RequestError(f"{name} must hold exactly one element, got shape {list(array.shape)}")
+    return int(array.reshape(-1)[0])
+
+
+def check_prompt(prompt: str, max_chars: int) -> str:
+    if not prompt.strip():
+        raise RequestError("prompt is empty")
+    if len(prompt) > max_chars:
+        raise RequestError(f"prompt too long: {len(prompt)} characters > {max_chars}")
+    return prompt
+
+
+def decode_video(video: bytes, num_frames: int, max_bytes: int, max_frames: int) -> np.ndarray:
+    """Video bytes -> uint8 `[N, H, W, 3]` exactly as `sparrow.video.decode` does; num_frames 0 keeps all."""
+    from .video import VideoError, decode
+
+    if len(video) > max_bytes:
+        raise RequestError(f"video too large: {len(video)} bytes > {max_bytes} (oversized request)")
+    if num_frames < 0:
+        raise RequestError(f"num_frames must be 0 (all) or positive, got {num_frames}")
+    if num_frames > max_frames:
+        raise RequestError(f"too many frames: num_frames {num_frames} > {max_frames}")
+    try:
+        return decode(video, num_frames=num_frames or None, max_frames=max_frames)
+    except VideoError as e:
+        raise RequestError(f"bad video: {e}") from e
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise RequestError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    return strategy
+
+
+def check_max_tokens(max_tokens: int, limit: int) -> int:
+    if not 1 <= max_tokens <= limit:
+        raise RequestError(f"max_tokens must lie in [1, {limit}], got {max_tokens}")
+    return max_tokens
+
+
+def respond(pb_utils, handle, request):
+    """`handle(request)` as a response; a refused request or a failure becomes that request's error."""
+    try:
+        return handle(request)
+    except RequestError as e:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+    except Exception as e:  # noqa: BLE001 - one request's failure must not take the model down
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
+
+
+# ---- the model repository and the server ---------------------------------------------------------
+
+def repo_source() -> Path:
+    """The packaged model repository (`triton_repo/`, installed as `sparrow.triton_repo`)."""
+    from . import triton_repo
+
+    return Path(triton_repo.__file__).parent
+
+
+def layout_repository(out: Path, cfg: ServeConfig) -> Path:
+    """Write a runnable model repository under `out/models`, with the config parameters filled in."""
+    src, dst = repo_source(), Path(out) / "models"
+    if dst.exists():
+        shutil.rmtree(dst)
+    values = {k: str(v) for k, v in cfg.__dict__.items()}
+    for name in MODELS:
+        (dst / name / "1").mkdir(parents=True)
+        text = (src / name / "config.pbtxt").read_text()
+        for k, v in values.items():
+            text = text.replace("${" + k + "}", v)
+        if "${" in text:
+            raise RuntimeError(f"{name}/config.pbtxt has an unfilled parameter")
+        (dst / name / "config.pbtxt").write_text(text)
+        model_py = src / name / "1" / "model.py"
+        if model_py.is_file():
+            shutil.copy(model_py, dst / name / "1" / "model.py")
+    return dst
+
+
+def _pytriton_dir() -> Path:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pytriton")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("tritonserver not found: install the serve extra (pip install 'sparrow-trt[serve]', "
+                           "which brings nvidia-pytriton==0.7.0 with Triton Inference Server 2.51)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def layout_backends(out: Path) -> Path:
+    """A writable copy of the wheel's Python backend with the stub for the running Python beside it."""
+    server = _pytriton_dir() / "tritonserver"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / ver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise RuntimeError(f"the nvidia-pytriton wheel has no Python backend stub for Python {ver}")
+    dst = Path(out) / "backends"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(server / "backends", dst, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(stub, dst / "python" / "triton_python_backend_stub")
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; "
+                                   f"log tail:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"tritonserver not READY after {timeout:.0f} s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(work_dir: Path, cfg: ServeConfig = ServeConfig(), http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, log_file: Path | None = None, threads: int | None = None) -> Server:
+    """Lay out the repository and backends under `work_dir`, then start tritonserver (not yet waited on)."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    models = layout_repository(work_dir, cfg)
+    backends = layout_backends(work_dir)
+    server = _pytriton_dir() / "tritonserver"
+    env = dict(os.environ)
+    libs = str(server.parent.parent / "nvidia_pytriton.libs")
+    # the stub links libpython3.X: load this interpreter's own (a shared build) rather than the system's,
+    # whose private symbols may not match this interpreter's standard-library extensions
+    pylib = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (pylib, libs, env.get("LD_LIBRARY_PATH")) if p)
+    # the Python-backend stub's embedded interpreter finds its prefix (and so this virtual environment's
+    # packages) through the first `python3` on PATH, as PyTriton arranges it
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = Path(log_file) if log_file else work_dir / "tritonserver.log"
+    cmd = [str(server / "bin" / "tritonserver"), "--model-repository", str(models),
+           "--backend-directory", str(backends), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--metrics-port", str(metrics_port), "--allow-metrics", "true", "--strict-readiness", "true"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(proc, http_port, grpc_port, metrics_port, log)

@@ -1,0 +1,33 @@
+"""preprocessing: video bytes -> uint8 frames [N, H, W, 3] (sparrow.video.decode); the prompt is checked."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        from sparrow import serving
+
+        self.s = serving
+        self.max_bytes = int(serving.param(cfg, "max_video_bytes"))
+        self.max_frames = int(serving.param(cfg, "max_frames"))
+        self.max_chars = int(serving.param(cfg, "max_prompt_chars"))
+
+    def _one(self, request):
+        s = self.s
+        get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
+        prompt = s.check_prompt(s.one_string(get("prompt"), "prompt"), self.max_chars)
+        video = get("video")
+        if video.size != 1:
+            raise s.RequestError(f"video must hold exactly one element (a whole file), got shape {list(video.shape)}")
+        frames = s.decode_video(bytes(video.reshape(-1)[0]), s.one_int(get("num_frames"), "num_frames"),
+                                self.max_bytes, self.max_frames)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("frames", np.ascontiguousarray(frames)),
+            pb_utils.Tensor("prompt_checked", np.array([prompt.encode("utf-8")], dtype=np.object_))])
+
+    def execute(self, requests):
+        return [self.s.respond(pb_utils, self._one, r) for r in requests]
