@@ -103,14 +103,73 @@ def check_max_tokens(max_tokens: int, limit: int) -> int:
     return max_tokens
 
 
-def respond(pb_utils, handle, request):
-    """`handle(request)` as a response; a refused request or a failure becomes that request's error."""
-    try:
-        return handle(request)
-    except RequestError as e:
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
-    except Exception as e:  # noqa: BLE001 - one request's failure must not take the model down
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
+class Responder:
+    """`handle(request)` as a response: a refused request (bad input) or a failure becomes that request's
+    error, never the model's. Counts requests by model and outcome on Triton's metrics port."""
+
+    OUTCOMES = ("ok", "refused", "failed")
+
+    def __init__(self, pb_utils, model: str):
+        self.pb = pb_utils
+        self.family = pb_utils.MetricFamily(
+            name="sparrow_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests by model and outcome (ok; refused: bad input; failed: server-side error)")
+        self.count = {o: self.family.Metric(labels={"model": model, "outcome": o}) for o in self.OUTCOMES}
+
+    def __call__(self, handle, request):
+        pb = self.pb
+        try:
+            response, outcome = handle(request), "ok"
+        except RequestError as e:
+            response, outcome = pb.InferenceResponse(error=pb.TritonError(str(e), pb.TritonError.INVALID_ARG)), "refused"
+        except Exception as e:  # noqa: BLE001 - one request's failure must not take the model down
+            response, outcome = pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")), "failed"
+        self.count[outcome].increment(1)
+        return response
+
+    def close(self) -> None:
+        """Metrics before their family, as Triton requires."""
+        self.count.clear()
+        self.family = None
+
+
+class DecodeMetrics:
+    """Per-strategy decoding metrics of sparrow_llm, from each result's `stats`."""
+
+    BUCKETS = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0]
+
+    def __init__(self, pb_utils):
+        mf = pb_utils.MetricFamily
+        self.families = {
+            "tokens": mf(name="sparrow_generated_tokens_total", kind=mf.COUNTER,
+                         description="Tokens generated, by strategy"),
+            "draft": mf(name="sparrow_draft_seconds_total", kind=mf.COUNTER,
+                        description="Time in the Sparrow draft, by strategy"),
+            "verify": mf(name="sparrow_verify_seconds_total", kind=mf.COUNTER,
+                         description="Time in target verify steps, by strategy"),
+            "accepted": mf(name="sparrow_mean_accepted_length", kind=mf.HISTOGRAM,
+                           description="Per request: tokens per target step (mean accepted length)"),
+        }
+        self.metrics: dict = {}
+
+    def _metric(self, key: str, strategy: str):
+        if (key, strategy) not in self.metrics:
+            extra = {"buckets": self.BUCKETS} if key == "accepted" else {}
+            self.metrics[key, strategy] = self.families[key].Metric(labels={"strategy": strategy}, **extra)
+        return self.metrics[key, strategy]
+
+    def observe(self, stats: dict) -> None:
+        strategy = stats["strategy"]
+        self._metric("tokens", strategy).increment(stats["new_tokens"])
+        steps = stats.get("target_steps") or 0
+        if stats.get("mean_accepted_length"):
+            self._metric("accepted", strategy).observe(stats["mean_accepted_length"])
+            self._metric("draft", strategy).increment(stats["draft_ms_per_step"] * steps / 1000)
+            self._metric("verify", strategy).increment(stats["verify_ms_per_step"] * steps / 1000)
+
+    def close(self) -> None:
+        self.metrics.clear()
+        self.families.clear()
 
 
 # ---- the model repository and the server ---------------------------------------------------------

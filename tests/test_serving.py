@@ -118,6 +118,42 @@ def test_bad_requests_get_named_errors(client, case, match):
     assert client.ready()
 
 
+def test_bad_request_beside_a_concurrent_good_one(server, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with SparrowClient(server.grpc_url, timeout_s=300) as other, ThreadPoolExecutor(2) as pool:
+        good = pool.submit(client.infer, demo_video(9), CAPTION_PROMPT, max_tokens=8)
+        bad = pool.submit(other.infer, b"not a video at all", "what happens ?")
+        assert good.result().text
+        with pytest.raises(SparrowServerError, match="bad video"):
+            bad.result()
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """The value of the sample of `name` whose labels include `labels` (0 when absent)."""
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_on_the_metrics_port(server, client):
+    import urllib.request
+
+    client.infer(demo_video(3), CAPTION_PROMPT, max_tokens=8)
+    with pytest.raises(SparrowServerError):
+        client.infer(b"", "what happens ?")
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert _metric(text, "sparrow_requests_total", model="preprocessing", outcome="refused") >= 1
+    assert _metric(text, "sparrow_requests_total", model="sparrow_llm", outcome="ok") >= 1
+    assert _metric(text, "sparrow_generated_tokens_total", strategy="sparrow") >= 1
+    assert _metric(text, "sparrow_mean_accepted_length_count", strategy="sparrow") >= 1
+    assert _metric(text, "sparrow_verify_seconds_total", strategy="sparrow") > 0
+    assert "nv_inference_request_success" in text  # Triton's own metrics beside ours
+
+
 def test_client_imports_without_torch():
     code = ("import sys; import sparrow.client, sparrow.client.cli; "
             "assert 'torch' not in sys.modules, 'sparrow.client imported torch'")

@@ -11,6 +11,7 @@ class TritonPythonModel:
         from sparrow.demo.model import DEMO_TARGET_DIR
 
         self.s = serving
+        self.respond = serving.Responder(pb_utils, "postprocessing")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET_DIR)
 
     def _one(self, request):
@@ -20,4 +21,7 @@ class TritonPythonModel:
             pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_))])
 
     def execute(self, requests):
-        return [self.s.respond(pb_utils, self._one, r) for r in requests]
+        return [self.respond(self._one, r) for r in requests]
+
+    def finalize(self):
+        self.respond.close()

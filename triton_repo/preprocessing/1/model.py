@@ -12,6 +12,7 @@ class TritonPythonModel:
         from sparrow import serving
 
         self.s = serving
+        self.respond = serving.Responder(pb_utils, "preprocessing")
         self.max_bytes = int(serving.param(cfg, "max_video_bytes"))
         self.max_frames = int(serving.param(cfg, "max_frames"))
         self.max_chars = int(serving.param(cfg, "max_prompt_chars"))
@@ -30,4 +31,7 @@ class TritonPythonModel:
             pb_utils.Tensor("prompt_checked", np.array([prompt.encode("utf-8")], dtype=np.object_))])
 
     def execute(self, requests):
-        return [self.s.respond(pb_utils, self._one, r) for r in requests]
+        return [self.respond(self._one, r) for r in requests]
+
+    def finalize(self):
+        self.respond.close()

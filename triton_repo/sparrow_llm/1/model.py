@@ -22,6 +22,7 @@ class TritonPythonModel:
         from sparrow.target import Target
 
         self.s = serving
+        self.respond = serving.Responder(pb_utils, "sparrow_llm")
         self.generate_ar, self.generate_speculative = generate_ar, generate_speculative
         self.tree = TokenTree.chain(int(serving.param(cfg, "draft_len")))
         self.max_len = int(serving.param(cfg, "max_len"))
@@ -33,6 +34,7 @@ class TritonPythonModel:
         # first request is not the one that pays them
         generate_speculative(self.runtime, self.draft, np.zeros((4, 64, 64, 3), np.uint8), "warm up", self.tree,
                              max_new_tokens=2, min_new_tokens=2)
+        self.metrics = serving.DecodeMetrics(pb_utils)  # after the warm-up, which it does not count
 
     def _one(self, request):
         s = self.s
@@ -53,9 +55,14 @@ class TritonPythonModel:
         else:
             res = self.generate_speculative(self.runtime, self.draft, frames, prompt, self.tree,
                                             max_new_tokens=max_tokens)
+        self.metrics.observe(res.stats)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("token_ids", np.asarray(res.token_ids, dtype=np.int32)),
             pb_utils.Tensor("stats", np.array([json.dumps(res.stats).encode("utf-8")], dtype=np.object_))])
 
     def execute(self, requests):
-        return [self.s.respond(pb_utils, self._one, r) for r in requests]
+        return [self.respond(self._one, r) for r in requests]
+
+    def finalize(self):
+        self.metrics.close()
+        self.respond.close()
