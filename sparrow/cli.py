@@ -180,8 +180,11 @@ def cmd_serve(a):
         sys.exit(f"error: tritonserver exited with code {server.process.returncode}; log: {server.log}")
     except RuntimeError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        pass
     finally:
-        server.stop()
+        print("stopping tritonserver ...", file=sys.stderr)
+        print(f"stopped (exit code {server.stop()})", file=sys.stderr)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
