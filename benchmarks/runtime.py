@@ -3,7 +3,9 @@
 For each visual-token count, both runtimes prefill the same demo video + question, then time a
 one-token decode step and a (K+1)-token verify step (each rolled back after timing, so every
 repetition sees the same context). Each (runtime, size) runs in its own process, so its peak RSS
-is its own. Rows: visual_tokens, runtime, prefill_s, step_ms, verify_ms, verify_over_step,
+is its own. Runtimes: `hf` (stock transformers), `sparrow-torch` (the owned-cache runtime with its
+torch attention, SPARROW_ATTENTION=torch) and `sparrow` (its default: the fused C++ op on CPU).
+Rows: visual_tokens, runtime, attention, prefill_s, step_ms, verify_ms, verify_over_step,
 peak_rss_mb, context_tokens.
 """
 
@@ -11,13 +13,15 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RUNTIMES = ("hf", "sparrow")
+RUNTIMES = ("hf", "sparrow-torch", "sparrow")
+ATTENTION_ENV = {"hf": "", "sparrow-torch": "torch", "sparrow": ""}  # SPARROW_ATTENTION per runtime
 
 
 @dataclass
@@ -47,38 +51,59 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _measure(args) -> dict:
-    cfg_json, runtime, n_visual = args
+def demo_prompt(target, n_visual: int):
+    """The benchmark's input: a demo video with `n_visual` visual tokens and a fixed question."""
+    from sparrow.demo.world import frames_for_visual_tokens, make_scene, render
+
+    num_frames, side = frames_for_visual_tokens(n_visual)
+    return target.prepare(render(make_scene(1), num_frames, side, side), "describe the video .")
+
+
+def start_decoding(engine, prompt):
+    """Prefill, then one real token in the cache, as during decoding.
+
+    Returns (state, prefill seconds, run): `run(k)` steps k tokens and rolls them back, so every
+    call sees the same context.
+    """
     import torch
 
-    from sparrow.demo.model import DEMO_TARGET_DIR
-    from sparrow.demo.world import frames_for_visual_tokens, make_scene, render
-    from sparrow.runtime import Runtime, peak_rss_mb
-    from sparrow.target import Target
-
-    cfg = RuntimeBenchConfig(**cfg_json)
-    torch.set_num_threads(cfg.threads)
-    target = Target.load(cfg.model or DEMO_TARGET_DIR)
-    num_frames, side = frames_for_visual_tokens(n_visual)
-    frames = render(make_scene(1), num_frames, side, side)
-    prompt = target.prepare(frames, "describe the video .")
-    ctx = prompt.input_ids.shape[1] + cfg.draft_len + 2
-    engine = target if runtime == "hf" else Runtime(target, max_len=ctx, prefill_chunk=cfg.prefill_chunk)
     t0 = time.perf_counter()
     state, out = engine.prefill(prompt)
     prefill_s = time.perf_counter() - t0
-    rss = peak_rss_mb()
     first = int(out.logits[0, -1].argmax())
-    engine.step(state, torch.tensor([[first]]))  # one real token in the cache, as during decoding
+    engine.step(state, torch.tensor([[first]]))
     base = state.length
 
     def run(k: int):
         engine.step(state, torch.full((1, k), first))
         engine.truncate(state, base)
 
+    return state, prefill_s, run
+
+
+def _measure(args) -> dict:
+    cfg_json, runtime, n_visual = args
+    os.environ["SPARROW_ATTENTION"] = ATTENTION_ENV[runtime]
+    import torch
+
+    from sparrow.attention import cpu_backend
+    from sparrow.demo.model import DEMO_TARGET_DIR
+    from sparrow.runtime import Runtime, peak_rss_mb
+    from sparrow.target import Target
+
+    cfg = RuntimeBenchConfig(**cfg_json)
+    torch.set_num_threads(cfg.threads)
+    target = Target.load(cfg.model or DEMO_TARGET_DIR)
+    prompt = demo_prompt(target, n_visual)
+    ctx = prompt.input_ids.shape[1] + cfg.draft_len + 2
+    engine = target if runtime == "hf" else Runtime(target, max_len=ctx, prefill_chunk=cfg.prefill_chunk)
+    attention = (getattr(target.model.config, "_attn_implementation", None) or "default" if runtime == "hf"
+                 else cpu_backend(torch.zeros(1, 1, cfg.draft_len + 1, 1, dtype=target.model.dtype)))
+    state, prefill_s, run = start_decoding(engine, prompt)
+    rss = peak_rss_mb()
     step_ms = _timed(lambda: run(1), cfg.repeats)
     verify_ms = _timed(lambda: run(cfg.draft_len + 1), cfg.repeats)
-    return {"visual_tokens": n_visual, "runtime": runtime, "context_tokens": base,
+    return {"visual_tokens": n_visual, "runtime": runtime, "attention": attention, "context_tokens": state.length,
             "prefill_s": round(prefill_s, 3), "step_ms": round(step_ms, 3), "verify_ms": round(verify_ms, 3),
             "verify_over_step": round(verify_ms / step_ms, 3), "peak_rss_mb": round(rss, 1),
             "draft_len": cfg.draft_len}
@@ -98,12 +123,13 @@ def run_bench(cfg: RuntimeBenchConfig, progress: bool = True) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     by = {(r["visual_tokens"], r["runtime"]): r for r in rows}
-    lines = ["| visual tokens | runtime | prefill s | step ms | verify ms (K+1) | verify/step | step speedup vs hf | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| visual tokens | runtime | attention | prefill s | step ms | verify ms (K+1) | verify/step | "
+             "step speedup vs hf | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = by.get((r["visual_tokens"], "hf"))
         speedup = f"{hf['step_ms'] / r['step_ms']:.2f}x" if hf else "-"
-        lines.append(f"| {r['visual_tokens']} | {r['runtime']} | {r['prefill_s']} | {r['step_ms']} | "
+        lines.append(f"| {r['visual_tokens']} | {r['runtime']} | {r.get('attention', '-')} | {r['prefill_s']} | {r['step_ms']} | "
                      f"{r['verify_ms']} | {r['verify_over_step']} | {speedup} | {r['peak_rss_mb']} |")
     return "\n".join(lines)
 

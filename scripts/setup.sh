@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The runtime's fused CPU attention op (sparrow/csrc) is compiled on first use and needs a C++
+# compiler; install g++ only when none is there and we may (root, or sudo without a password).
+if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="-"; fi
+  if [ "$SUDO" != "-" ] && command -v apt-get >/dev/null 2>&1; then
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q g++
+  else
+    echo "setup: no C++ compiler and no way to install one: the runtime will use its torch attention" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -4,15 +4,24 @@ One query block of T new tokens (1 = decode, K+1 = chain verify, a token tree, o
 attends to the slot's cached keys plus the new ones under a `[T, T]` tail mask. The G query heads
 of a GQA group are stacked into one matrix so each KV head's keys and values are read once for
 all query rows and all heads of the group: no `repeat_kv` copy, no concatenated cache.
+
+`multi_token_attention` is the torch implementation (and the semantics). The runtime runs, per
+device: on CUDA the Triton kernel (`attention_triton`); on CPU, for steps of up to CPP_MAX_T
+tokens, the fused C++ op (`attention_cpp`, compiled on first use) where it builds and has its
+AVX-512 kernel, else this torch implementation; `SPARROW_ATTENTION=torch|cpp` forces one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .kv_cache import StepPlan
 
 QUERY_BLOCK = 512  # rows per block in long prefill chunks: bounds the score matrix, not the KV reads
+CPP_MAX_T = 64  # new tokens per step up to which CPU steps use the fused C++ op (decode, verify, trees)
+BACKENDS = ("auto", "torch", "cpp")
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
@@ -56,6 +65,26 @@ def multi_token_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out.view(hq, t, d)
 
 
+def cpu_backend(query: torch.Tensor) -> str:
+    """"cpp" or "torch" for a CPU query `[B, Hq, T, D]`.
+
+    `SPARROW_ATTENTION=torch|cpp` forces one (cpp raises if the op cannot be built); by default
+    (`auto`) float32 steps of at most CPP_MAX_T tokens use the fused C++ op when it builds and runs
+    its AVX-512 kernel (its portable loops are slower than torch's matmuls), and prefill chunks and
+    other dtypes the torch implementation.
+    """
+    choice = os.environ.get("SPARROW_ATTENTION", "").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"SPARROW_ATTENTION must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if query.dtype != torch.float32 or query.shape[2] > CPP_MAX_T:
+        return "torch"
+    from . import attention_cpp
+
+    return "cpp" if attention_cpp.available() and attention_cpp.isa() == "avx512" else "torch"
+
+
 def runtime_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, scaling: float | None = None, dropout: float = 0.0,
                       sparrow_plan: StepPlan | None = None, **kwargs):
@@ -68,7 +97,10 @@ def runtime_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         from .attention_triton import runtime_attention as triton_runtime_attention
 
         return triton_runtime_attention(query, key, value, sparrow_plan, scale), None
+    attend = multi_token_attention
+    if cpu_backend(query) == "cpp":
+        from .attention_cpp import multi_token_attention as attend
     outs = []
     for b, (slot, past) in enumerate(zip(sparrow_plan.slots, sparrow_plan.starts)):
-        outs.append(multi_token_attention(query[b], key[slot], value[slot], past, sparrow_plan.tail_mask, scale))
+        outs.append(attend(query[b], key[slot], value[slot], past, sparrow_plan.tail_mask, scale))
     return torch.stack(outs).transpose(1, 2), None  # [B, T, Hq, D], as transformers' attention returns

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tiny_models
+from attention_cases import random_tree_mask
 from sparrow.attention import multi_token_attention, reference_attention
 from sparrow.demo.world import make_scene, render
 from sparrow.generate import generate_ar
@@ -93,15 +94,7 @@ def test_attention_matches_reference(hq, hkv, past, t, block, tree):
     q = torch.randn(hq, t, d, generator=g)
     kbuf = torch.randn(hkv, past + t + 9, d, generator=g)  # a buffer longer than the live part
     vbuf = torch.randn(hkv, past + t + 9, d, generator=g)
-    mask = torch.ones(t, t, dtype=torch.bool).tril_()
-    if tree:  # random tree: each node attends to itself and a random ancestor chain
-        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, t)]
-        mask = torch.zeros(t, t, dtype=torch.bool)
-        for i in range(t):
-            j = i
-            while j >= 0:
-                mask[i, j] = True
-                j = parents[j]
+    mask = random_tree_mask(t, g) if tree else torch.ones(t, t, dtype=torch.bool).tril_()
     out = torch.full((hq, t, d), float("nan"))  # poisoned: any element left unwritten fails
     multi_token_attention(q, kbuf, vbuf, past, mask, 0.25, block=block, out=out)
     ref = reference_attention(q, kbuf[:, :past + t], vbuf[:, :past + t], past, mask, 0.25)

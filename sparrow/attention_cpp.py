@@ -1,0 +1,113 @@
+"""The fused C++ CPU kernel for the runtime's multi-token attention (`csrc/multi_token_attention.cpp`).
+
+Compiled on first use with `torch.utils.cpp_extension.load` (a C++ compiler is needed, and ninja,
+a dependency of the package; the build is cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR` or
+`~/.cache/torch_extensions`, and rebuilt only when the source changes). It registers
+`sparrow::multi_token_attention(q, k_cache, v_cache, past, tail_mask, scale)`, the semantics of
+`sparrow.attention.multi_token_attention` for float32 CPU tensors: each KV head's keys and values
+are read once for all G*T stacked query rows, the cache length is split across threads
+(flash-decoding) with a log-sum-exp merge, fp32 online softmax, AVX-512 where the CPU has it and
+portable loops elsewhere.
+
+`available()` says whether it built (never raises); `load()` builds it or raises `AttentionBuildError`
+saying why. `sparrow.attention.runtime_attention` uses it on CPU when it builds and falls back to
+the torch implementation otherwise; `SPARROW_ATTENTION=torch|cpp` forces either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "multi_token_attention.cpp"
+NAME = "sparrow_multi_token_attention"
+# -O3 only, no -march: the AVX-512 code is compiled per function (target attributes) and chosen at
+# run time from the CPU's flags, so one build is correct on any x86-64 (and on other CPUs the
+# portable loops are used).
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the same soname as torch's own, so one OpenMP runtime is loaded
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class AttentionBuildError(RuntimeError):
+    """The C++ attention op could not be compiled or loaded."""
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the pip package's binary sits in the venv's bin, often not on PATH."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        raise AttentionBuildError("ninja is not installed (`pip install ninja`); SPARROW_ATTENTION=torch uses "
+                                  "the torch implementation") from None
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load(verbose: bool = False):
+    """Build (first call only) and load the op; returns `torch.ops.sparrow.multi_token_attention`."""
+    with _lock:
+        if "op" in _state:
+            return _state["op"]
+        if "error" in _state:
+            raise _state["error"]
+        try:
+            if not SOURCE.is_file():
+                raise AttentionBuildError(f"the C++ source is missing: {SOURCE} (reinstall the package)")
+            if compiler() is None:
+                raise AttentionBuildError("no C++ compiler found (install g++, e.g. `apt-get install g++`, "
+                                          "or set CXX); SPARROW_ATTENTION=torch uses the torch implementation")
+            _ninja_on_path()
+            from torch.utils.cpp_extension import load as cpp_load
+
+            try:
+                cpp_load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                         is_python_module=False, verbose=verbose)
+            except Exception as e:  # compiler errors, missing headers, a bad cached build
+                raise AttentionBuildError(f"building {SOURCE.name} failed: {e}") from e
+            torch.library.register_fake("sparrow::multi_token_attention")(_fake)
+            _state["op"] = torch.ops.sparrow.multi_token_attention
+            return _state["op"]
+        except AttentionBuildError as e:
+            _state["error"] = e
+            raise
+
+
+def _fake(q, k_cache, v_cache, past, tail_mask, scale):
+    """Shape function for tracing (torch.compile, export): the output is a fresh `[Hq, T, D]`."""
+    return q.new_empty(q.shape)
+
+
+def available() -> bool:
+    """True when the op is built and loaded (builds it on the first call); never raises."""
+    try:
+        load()
+        return True
+    except AttentionBuildError:
+        return False
+
+
+def multi_token_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, past: int,
+                          tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q `[Hq, T, D]`; k/v_cache `[Hkv, >= past + T, D]` (float32, CPU) -> `[Hq, T, D]`."""
+    return load()(q, k_cache, v_cache, past, tail_mask, scale)
+
+
+def isa(which: str = "") -> str:
+    """The kernel the op runs for head dims that are multiples of 16: "avx512" or "portable".
+
+    `which` = "portable" forces the portable loops, "auto" restores the choice by CPU flags.
+    """
+    load()
+    return torch.ops.sparrow.multi_token_attention_isa(which)

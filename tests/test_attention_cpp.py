@@ -1,0 +1,106 @@
+"""The fused C++ CPU attention op against the plain reference, and the runtime's choice of backend."""
+
+import pytest
+import torch
+
+from attention_cases import random_tree_mask
+from sparrow import attention, attention_cpp
+from sparrow.attention import reference_attention
+
+# Where a compiler exists the op must build: a failed build fails these tests rather than skipping them.
+pytestmark = pytest.mark.skipif(attention_cpp.compiler() is None, reason="no C++ compiler on this machine")
+
+ISAS = ["portable", "auto"]  # auto: AVX-512 where the CPU has it
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    attention_cpp.isa(request.param)
+    yield request.param
+    attention_cpp.isa("auto")
+
+
+@pytest.mark.parametrize("past", [0, 1, 37, 1000])
+@pytest.mark.parametrize("t", [1, 6, 7])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tree", [False, True])
+def test_matches_reference(isa, past, t, groups, d, tree):
+    g = torch.Generator().manual_seed(past * 100 + t * 10 + groups + d + tree)
+    hkv = 2
+    q = torch.randn(hkv * groups, t, d, generator=g)
+    kbuf = torch.randn(hkv, past + t + 9, d, generator=g)  # a buffer longer than the live part
+    vbuf = torch.randn(hkv, past + t + 9, d, generator=g)
+    mask = random_tree_mask(t, g) if tree else torch.ones(t, t, dtype=torch.bool).tril_()
+    out = torch.full((hkv * groups, t, d), float("nan"))  # poisoned: any element left unwritten fails
+    out.copy_(attention_cpp.multi_token_attention(q, kbuf, vbuf, past, mask, d ** -0.5))
+    ref = reference_attention(q, kbuf[:, :past + t], vbuf[:, :past + t], past, mask, d ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d", [16, 24, 72])
+def test_odd_head_dims_and_strided_views(isa, d):
+    """Head dims that are not a multiple of 16 (portable path) and cache views of a bigger buffer."""
+    g = torch.Generator().manual_seed(d)
+    past, t, hkv, groups = 700, 5, 3, 2
+    layers = torch.randn(2, 4, hkv, past + t + 3, d, generator=g)  # [L, S, Hkv, Tmax, D], like SlotKVCache
+    k, v = layers[0, 2], layers[1, 1]
+    q = torch.randn(1, t, hkv * groups, d, generator=g).transpose(1, 2)[0]  # non-contiguous, as in the runtime
+    mask = random_tree_mask(t, g)
+    out = attention_cpp.multi_token_attention(q, k, v, past, mask, 0.3)
+    ref = reference_attention(q, k[:, :past + t], v[:, :past + t], past, mask, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_large_scores_stay_finite():
+    """Online softmax with big logits: no overflow, same answer as the reference."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 6, 128, generator=g) * 30
+    k = torch.randn(2, 3000, 128, generator=g) * 30
+    v = torch.randn(2, 3000, 128, generator=g)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril_()
+    out = attention_cpp.multi_token_attention(q, k, v, 2000, mask, 128 ** -0.5)
+    ref = reference_attention(q, k[:, :2006], v[:, :2006], 2000, mask, 128 ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck():
+    """Schema, fake (shape) function and dispatcher registration agree with the real kernel."""
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(4, 6, 64, generator=g), torch.randn(2, 300, 64, generator=g),
+            torch.randn(2, 300, 64, generator=g), 200, random_tree_mask(6, g), 0.125)
+    torch.library.opcheck(attention_cpp.load(), args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rejects_bad_inputs():
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        attention_cpp.multi_token_attention(torch.zeros(3, 2, 16), torch.zeros(2, 8, 16), torch.zeros(2, 8, 16), 3, mask, 1.0)
+    with pytest.raises(RuntimeError, match="need past"):
+        attention_cpp.multi_token_attention(torch.zeros(2, 2, 16), torch.zeros(2, 4, 16), torch.zeros(2, 4, 16), 3, mask, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        attention_cpp.multi_token_attention(torch.zeros(2, 2, 16, dtype=torch.bfloat16), torch.zeros(2, 8, 16),
+                                            torch.zeros(2, 8, 16), 3, mask, 1.0)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        attention_cpp.isa("sse9")
+
+
+@pytest.mark.parametrize("env", ["torch", "cpp", ""])
+def test_backend_choice(monkeypatch, env):
+    monkeypatch.setenv("SPARROW_ATTENTION", env)
+    q = torch.zeros(1, 4, 6, 64)
+    auto = "cpp" if attention_cpp.isa() == "avx512" else "torch"  # the portable loops lose to torch
+    assert attention.cpu_backend(q) == (env or auto)
+    attention_cpp.isa("portable")
+    try:
+        assert attention.cpu_backend(q) == (env or "torch")
+    finally:
+        attention_cpp.isa("auto")
+    assert attention.cpu_backend(q.to(torch.bfloat16)) == ("cpp" if env == "cpp" else "torch")
+    assert attention.cpu_backend(torch.zeros(1, 4, 4096, 64)) == ("cpp" if env == "cpp" else "torch")
+
+
+def test_backend_env_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("SPARROW_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="SPARROW_ATTENTION"):
+        attention.cpu_backend(torch.zeros(1, 4, 6, 64))
