@@ -194,46 +194,42 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def cmd_bench_runtime(a):
-    from .benchmarks.runtime import RuntimeBenchConfig, run_bench, table, write
+def _bench(module, cfg, out: str | None) -> None:
+    """Run a benchmark module (run_bench, table, write), print its table, write its files."""
+    rows = module.run_bench(cfg)
+    print(module.table(rows))
+    if out:
+        module.write(rows, cfg, out)
+        print(f"wrote {out} (and the markdown table, and any plot, beside it)")
 
-    cfg = RuntimeBenchConfig(visual_tokens=a.visual_tokens, draft_len=a.draft_len, repeats=a.repeats,
-                             model=a.model, threads=a.threads)
-    rows = run_bench(cfg)
-    print(table(rows))
-    if a.json:
-        write(rows, cfg, a.json)
-        print(f"wrote {a.json} and {Path(a.json).with_suffix('.md')}")
+
+def cmd_bench_runtime(a):
+    from .benchmarks import runtime
+
+    _bench(runtime, runtime.RuntimeBenchConfig(visual_tokens=a.visual_tokens, draft_len=a.draft_len,
+                                               repeats=a.repeats, model=a.model, threads=a.threads), a.json)
 
 
 def cmd_bench_speedup(a):
-    from .benchmarks.speedup import SpeedupBenchConfig, run_bench, table, write
+    from .benchmarks import speedup
 
-    cfg = SpeedupBenchConfig(visual_tokens=a.visual_tokens, strategies=a.strategies, videos=a.videos,
+    cfg = speedup.SpeedupBenchConfig(visual_tokens=a.visual_tokens, strategies=a.strategies, videos=a.videos,
                              max_new_tokens=a.max_new_tokens, min_new_tokens=0 if a.natural_stop else None,
                              draft_len=a.draft_len, tree_width=a.tree_width,
                              model=a.model, sparrow_draft=a.sparrow_draft, eagle_draft=a.eagle_draft,
                              threads=a.threads)
-    rows = run_bench(cfg)
-    print(table(rows))
-    if a.json:
-        write(rows, cfg, a.json)
-        print(f"wrote {a.json}, {Path(a.json).with_suffix('.md')} and {Path(a.json).with_suffix('.png')}")
+    _bench(speedup, cfg, a.json)
 
 
 def cmd_bench_acceptance(a):
-    from .benchmarks.acceptance import AcceptanceBenchConfig, run_bench, table, write
+    from .benchmarks import acceptance
     from .demo.model import DEMO_DRAFTS
 
     drafts = dict(a.drafts) if a.drafts else {k: str(v) for k, v in DEMO_DRAFTS.items()}
-    cfg = AcceptanceBenchConfig(drafts=drafts, visual_tokens=a.visual_tokens, videos=a.videos,
-                                max_new_tokens=a.max_new_tokens, draft_len=a.draft_len, model=a.model,
-                                threads=a.threads)
-    rows = run_bench(cfg)
-    print(table(rows))
-    if a.json:
-        write(rows, cfg, a.json)
-        print(f"wrote {a.json} and {Path(a.json).with_suffix('.md')}")
+    cfg = acceptance.AcceptanceBenchConfig(drafts=drafts, visual_tokens=a.visual_tokens, videos=a.videos,
+                                           max_new_tokens=a.max_new_tokens, draft_len=a.draft_len, model=a.model,
+                                           threads=a.threads)
+    _bench(acceptance, cfg, a.json)
 
 
 def _named_paths(text: str) -> tuple[tuple[str, str], ...]:
