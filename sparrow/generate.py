@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -51,8 +52,12 @@ def check_lengths(max_new_tokens: int, min_new_tokens: int) -> None:
 
 
 def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
-                temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0) -> GenerationResult:
-    """Plain autoregressive decoding: one target step per token, stopping at end-of-turn."""
+                temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0,
+                on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """Plain autoregressive decoding: one target step per token, stopping at end-of-turn.
+
+    `on_tokens` (streaming) is called with each committed token as soon as it is decided.
+    """
     check_lengths(max_new_tokens, min_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -64,6 +69,8 @@ def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_n
         logits = hold_eos(out.logits[0, -1:], torch.tensor([len(tokens)]), min_new_tokens, target.eos_token_ids)
         tok = _pick(logits[0], temperature, gen)
         tokens.append(tok)
+        if on_tokens is not None:
+            on_tokens([tok])
         if tok in target.eos_token_ids or len(tokens) == max_new_tokens:
             break
         out = target.step(state, torch.tensor([[tok]]))

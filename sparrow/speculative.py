@@ -17,6 +17,7 @@ target's distribution.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,7 +178,9 @@ def accept_sampled(tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 
 def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, prompt: str,
                          tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
-                         seed: int = 0, min_new_tokens: int = 0) -> GenerationResult:
+                         seed: int = 0, min_new_tokens: int = 0,
+                         on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """Speculative decoding of one request; `on_tokens` (streaming) gets each step's committed tokens."""
     check_lengths(max_new_tokens, min_new_tokens)
     if temperature > 0 and not tree.is_chain:
         raise ValueError("sampling (temperature > 0) verifies chains only; use a chain draft")
@@ -190,6 +193,8 @@ def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, pro
     ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.cache.max_len)
     tokens = [_pick(hold_eos(out.logits[0, -1:], torch.tensor([0]), min_new_tokens, eos)[0], temperature, gen)]
     root_feat, root_pos = feats[:, -1:], state.length  # the root token sits at cache index root_pos
+    if on_tokens is not None:
+        on_tokens(tokens[:])
     t1 = time.perf_counter()
     steps, draft_s, verify_s = 0, 0.0, 0.0
     mask, depths = tree.mask(), tree.depths()
@@ -212,10 +217,13 @@ def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, pro
         feats = draft.features({i: out.hidden[i][:, path] for i in draft.cfg.feature_layers})  # [1, P, H]
         ctx.extend(feats, (start + torch.arange(len(path)))[None], torch.ones(1, len(path), dtype=torch.bool))
         root_feat, root_pos = feats[:, -1:], state.length
+        committed = len(tokens)
         for tok in drafted[path[1:]].tolist() + [nxt]:
             tokens.append(tok)
             if tok in eos or len(tokens) == max_new_tokens:
                 break
+        if on_tokens is not None:
+            on_tokens(tokens[committed:])
     t2 = time.perf_counter()
     decode_s = t2 - t1
     stats = {"strategy": "eagle" if draft.cfg.attend == "prefix" else "sparrow",

@@ -269,3 +269,16 @@ def test_min_new_tokens_matches_transformers(tiny, trained):
         assert generate_speculative(runtime, draft, f, PROMPT, tree, 30, min_new_tokens=30).token_ids == hf
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate_ar(runtime, f, PROMPT, max_new_tokens=5, min_new_tokens=6)
+
+
+def test_streaming_callbacks_deliver_every_token_once(tiny, trained):
+    _, runtime, _ = tiny
+    draft, _ = trained
+    f = _frames(32)
+    chunks = []
+    res = generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(4), 30, on_tokens=chunks.append)
+    assert [t for c in chunks for t in c] == res.token_ids
+    assert len(chunks) == res.stats["target_steps"] + 1 and all(chunks)  # the prefill's token, then one per verify
+    singles = []
+    ar = generate_ar(runtime, f, PROMPT, max_new_tokens=30, on_tokens=singles.append)
+    assert singles == [[t] for t in ar.token_ids]
