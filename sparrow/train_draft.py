@@ -112,13 +112,16 @@ class RolloutAttention:
         cfg = draft.cfg
         self.group = cfg.num_heads // cfg.num_kv_heads
         fused = draft.features({i: batch["anchor_feats"][:, :, j] for j, i in enumerate(cfg.feature_layers)})
-        self.anchor_k, self.anchor_v = draft.kv(fused, batch["anchor_pos"])  # [B, Hkv, A, D]
+        # keys/values fixed for the whole rollout, expanded to the query heads once
+        anchor_k, anchor_v = draft.kv(fused, batch["anchor_pos"])  # [B, Hkv, A, D]
+        self.anchor_k, self.anchor_v = self._rep(anchor_k), self._rep(anchor_v)  # [B, Hq, A, D]
         self.see = batch["see"][:, None]  # [B, 1, Q, A]
         self.glimpse_k = self.glimpse_v = None
         if cfg.glimpses:
             g = draft.glimpse_proj(batch["glimpses"])  # [B, G, H]
-            kg, self.glimpse_v = draft.kv(g, None)  # [B, Hkv, G, D]
-            self.glimpse_k = rotate(kg[:, :, None], batch["qpos"][:, None, :, None], cfg.rope_theta)  # [B, Hkv, Q, G, D]
+            kg, vg = draft.kv(g, None)  # [B, Hkv, G, D]
+            kg = rotate(kg[:, :, None], batch["qpos"][:, None, :, None], cfg.rope_theta)  # [B, Hkv, Q, G, D]
+            self.glimpse_k, self.glimpse_v = self._rep(kg), self._rep(vg)
         self.own_k: list[torch.Tensor] = []
         self.own_v: list[torch.Tensor] = []
 
@@ -132,16 +135,16 @@ class RolloutAttention:
         scale = q.shape[-1] ** -0.5
         own_k = self._rep(torch.stack(self.own_k, 3))  # [B, Hq, Q, s, D]
         own_v = self._rep(torch.stack(self.own_v, 3))
-        parts = [(q @ self._rep(self.anchor_k).transpose(-1, -2)).masked_fill(~self.see, float("-inf"))]  # [B, Hq, Q, A]
+        parts = [(q @ self.anchor_k.transpose(-1, -2)).masked_fill(~self.see, float("-inf"))]  # [B, Hq, Q, A]
         if self.glimpse_k is not None:
-            parts.append(torch.einsum("bhqd,bhqgd->bhqg", q, self._rep(self.glimpse_k)))  # [B, Hq, Q, G]
+            parts.append(torch.einsum("bhqd,bhqgd->bhqg", q, self.glimpse_k))  # [B, Hq, Q, G]
         parts.append(torch.einsum("bhqd,bhqsd->bhqs", q, own_k))  # [B, Hq, Q, s]
         probs = torch.softmax(torch.cat(parts, -1) * scale, -1)
         a = self.anchor_k.shape[2]
-        out = probs[..., :a] @ self._rep(self.anchor_v)
+        out = probs[..., :a] @ self.anchor_v
         if self.glimpse_k is not None:
             g = self.glimpse_v.shape[2]
-            out = out + probs[..., a:a + g] @ self._rep(self.glimpse_v)
+            out = out + probs[..., a:a + g] @ self.glimpse_v
             a += g
         return out + torch.einsum("bhqs,bhqsd->bhqd", probs[..., a:], own_v)
 
