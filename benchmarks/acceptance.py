@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .runtime import machine
+from .runtime import write_rows
 from .speedup import bench_videos
 
 
@@ -91,8 +91,4 @@ def table(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], cfg: AcceptanceBenchConfig, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "config": asdict(cfg)}
-    out.write_text(json.dumps([dict(r, **meta) for r in rows], indent=1))
-    out.with_suffix(".md").write_text(table(rows) + "\n")
+    write_rows(rows, {"config": asdict(cfg)}, table(rows), out)

@@ -141,10 +141,15 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def write(rows: list[dict], cfg: RuntimeBenchConfig, out: str | Path) -> None:
-    """OUT: a JSON list of rows (each with the machine and the repeat count); OUT.md: the table."""
+def write_rows(rows: list[dict], meta: dict, markdown: str, out: str | Path) -> Path:
+    """OUT: a JSON list of rows, each with the machine and `meta`; OUT.md: the markdown table."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "repeats": cfg.repeats}
+    meta = {"machine": machine(), **meta}
     out.write_text(json.dumps([dict(r, **meta) for r in rows], indent=1))
-    out.with_suffix(".md").write_text(table(rows) + "\n")
+    out.with_suffix(".md").write_text(markdown + "\n")
+    return out
+
+
+def write(rows: list[dict], cfg: RuntimeBenchConfig, out: str | Path) -> None:
+    write_rows(rows, {"repeats": cfg.repeats}, table(rows), out)

@@ -9,13 +9,12 @@ verify_ms_per_step, peak_rss_mb, lossless, prefill_s, new_tokens, videos.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .runtime import machine
+from .runtime import write_rows
 
 STRATEGIES = ("ar", "eagle", "sparrow", "hf", "hf_lookup")
 BENCH_SEED = 3  # held-out videos: evaluation seed range, never used to train the target or the drafts
@@ -190,9 +189,5 @@ def plot(rows: list[dict], out: str | Path) -> None:
 
 def write(rows: list[dict], cfg: SpeedupBenchConfig, out: str | Path) -> None:
     """OUT: JSON rows (with machine and config); OUT.md: the table; OUT.png: speedup vs visual tokens."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "config": asdict(cfg)}
-    out.write_text(json.dumps([dict(r, **meta) for r in rows], indent=1))
-    out.with_suffix(".md").write_text(table(rows) + "\n")
+    out = write_rows(rows, {"config": asdict(cfg)}, table(rows), out)
     plot(rows, out.with_suffix(".png"))
