@@ -61,7 +61,7 @@ def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
                                           max_new_tokens=cfg.max_new_tokens)
         expect = hf[0, p.input_ids.shape[1]:].tolist()
         for name, draft in drafts.items():
-            res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens)
+            res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens, prepared=p)
             s = stats[name]
             s["lossless"] += res.token_ids == expect
             s["new"] += res.stats["new_tokens"] - 1

@@ -118,7 +118,7 @@ def cmd_generate(a):
         sys.exit(f"error: {e}")
     target = _load_target(a.model)
     try:
-        prompt_len = target.prepare(frames, prompt).input_ids.shape[1]
+        prepared = target.prepare(frames, prompt)  # sizes the runtime's cache, then reused by the decoder
     except ValueError as e:
         sys.exit(f"error: {e}")
     if a.strategy != "ar" and a.runtime != "sparrow":
@@ -133,15 +133,15 @@ def cmd_generate(a):
     if a.runtime == "sparrow":
         from .runtime import Runtime
 
-        engine = Runtime(target, max_len=prompt_len + a.max_new_tokens + tree.size + 1)
+        engine = Runtime(target, max_len=prepared.input_ids.shape[1] + a.max_new_tokens + tree.size + 1)
     try:
         if a.strategy == "ar":
-            res = generate_ar(engine, frames, prompt, max_new_tokens=a.max_new_tokens,
-                              temperature=a.temperature, seed=a.seed, min_new_tokens=a.min_new_tokens)
+            res = generate_ar(engine, frames, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                              seed=a.seed, min_new_tokens=a.min_new_tokens, prepared=prepared)
         else:
             res = generate_speculative(engine, _load_draft(a.draft, target, a.strategy), frames, prompt, tree,
                                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
-                                       min_new_tokens=a.min_new_tokens)
+                                       min_new_tokens=a.min_new_tokens, prepared=prepared)
     except ValueError as e:
         sys.exit(f"error: {e}")
     res.stats["runtime"] = a.runtime

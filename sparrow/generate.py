@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .runtime import Runtime
-from .target import Target
+from .target import Prompt, Target
 
 
 @dataclass
@@ -53,15 +53,17 @@ def check_lengths(max_new_tokens: int, min_new_tokens: int) -> None:
 
 def generate_ar(target: Target | Runtime, frames: np.ndarray, prompt: str, max_new_tokens: int = 64,
                 temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0,
-                on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+                on_tokens: Callable[[list[int]], None] | None = None,
+                prepared: Prompt | None = None) -> GenerationResult:
     """Plain autoregressive decoding: one target step per token, stopping at end-of-turn.
 
     `on_tokens` (streaming) is called with each committed token as soon as it is decided.
+    `prepared`: `target.prepare(frames, prompt)` already done by the caller (not repeated).
     """
     check_lengths(max_new_tokens, min_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    p = target.prepare(frames, prompt)
+    p = prepared if prepared is not None else target.prepare(frames, prompt)
     state, out = target.prefill(p)
     t1 = time.perf_counter()
     tokens: list[int] = []

@@ -26,6 +26,7 @@ import torch
 from .draft import Draft, PrefixContext, WindowContext
 from .generate import GenerationResult, _pick, check_lengths, hold_eos
 from .runtime import Runtime
+from .target import Prompt
 
 
 @dataclass(frozen=True)
@@ -179,15 +180,17 @@ def accept_sampled(tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, prompt: str,
                          tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
                          seed: int = 0, min_new_tokens: int = 0,
-                         on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-    """Speculative decoding of one request; `on_tokens` (streaming) gets each step's committed tokens."""
+                         on_tokens: Callable[[list[int]], None] | None = None,
+                         prepared: Prompt | None = None) -> GenerationResult:
+    """Speculative decoding of one request; `on_tokens` (streaming) gets each step's committed tokens;
+    `prepared`: `runtime.prepare(frames, prompt)` already done by the caller (not repeated)."""
     check_lengths(max_new_tokens, min_new_tokens)
     if temperature > 0 and not tree.is_chain:
         raise ValueError("sampling (temperature > 0) verifies chains only; use a chain draft")
     gen = torch.Generator().manual_seed(seed)
     eos = runtime.eos_token_ids
     t0 = time.perf_counter()
-    p = runtime.prepare(frames, prompt)
+    p = prepared if prepared is not None else runtime.prepare(frames, prompt)
     layers = draft.cfg.target_layers
     state, out = runtime.prefill(p, layers=layers)
     ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.cache.max_len)

@@ -44,17 +44,18 @@ class TritonPythonModel:
         strategy = s.check_strategy(s.one_string(get("strategy"), "strategy"))
         max_tokens = s.check_max_tokens(s.one_int(get("max_tokens"), "max_tokens"), self.max_tokens_limit)
         try:
-            need = self.runtime.prepare(frames, prompt).input_ids.shape[1] + max_tokens + self.tree.size + 1
+            prepared = self.runtime.prepare(frames, prompt)  # checked here, then reused by the decoder
         except ValueError as e:  # TargetError: empty prompt, bad frames, too many frames
             raise s.RequestError(str(e)) from e
+        need = prepared.input_ids.shape[1] + max_tokens + self.tree.size + 1
         if need > self.max_len:
             raise s.RequestError(f"request too long: {need} positions (prompt, video and max_tokens) "
                                  f"> {self.max_len} the server holds; send fewer frames or a smaller video")
         if strategy == "ar":
-            res = self.generate_ar(self.runtime, frames, prompt, max_new_tokens=max_tokens)
+            res = self.generate_ar(self.runtime, frames, prompt, max_new_tokens=max_tokens, prepared=prepared)
         else:
             res = self.generate_speculative(self.runtime, self.draft, frames, prompt, self.tree,
-                                            max_new_tokens=max_tokens)
+                                            max_new_tokens=max_tokens, prepared=prepared)
         self.metrics.observe(res.stats)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("token_ids", np.asarray(res.token_ids, dtype=np.int32)),
