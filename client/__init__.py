@@ -1,5 +1,8 @@
-"""`sparrow.client`: call a Sparrow Triton server over gRPC. Imports no torch (`pip install 'sparrow-trt[client]'`)."""
+"""`sparrow.client`: call a Sparrow Triton server over gRPC, sync or asyncio, streaming. Imports no torch
+(`pip install 'sparrow-trt[client]'`)."""
 
-from .api import Answer, SparrowClient, SparrowServerError
+from .api import (Answer, AsyncSparrowClient, Connection, Health, RetryPolicy, SparrowClient, SparrowInvalidRequest,
+                  SparrowServerError, SparrowTimeout, SparrowUnavailable)
 
-__all__ = ["Answer", "SparrowClient", "SparrowServerError"]
+__all__ = ["Answer", "AsyncSparrowClient", "Connection", "Health", "RetryPolicy", "SparrowClient",
+           "SparrowInvalidRequest", "SparrowServerError", "SparrowTimeout", "SparrowUnavailable"]

@@ -24,28 +24,47 @@ import numpy as np
 
 MODELS = ("preprocessing", "sparrow_llm", "postprocessing", "sparrow")
 ENSEMBLE = "sparrow"
-STRATEGIES = ("sparrow", "ar")
+
+
+INVALID_REQUEST = "invalid request:"
 
 
 class RequestError(ValueError):
-    """A request the server refuses; the message is sent back to the client as the error."""
+    """A request the server refuses; the message is sent back to the client as the error.
+
+    Over a gRPC stream Triton forwards only an error's message, not its status code, so every refusal
+    starts with INVALID_REQUEST: the client maps that marker to its typed exception."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{INVALID_REQUEST} {message}")
+
+
+class Cancelled(Exception):
+    """The client cancelled the request (closed its stream); decoding stops at the next step."""
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """Values filled into the repository's config.pbtxt parameters (`${name}`)."""
-    max_video_bytes: int = 64 << 20
+    max_video_bytes: int = 64 << 20  # also the limit on raw `frames` bytes
     max_frames: int = 256
     max_prompt_chars: int = 2000
     draft_len: int = 5
     max_len: int = 16384
     max_tokens_limit: int = 256
+    default_max_tokens: int = 64  # when a request sends no max_tokens
 
 
 # ---- request checks (run inside the Python-backend models) --------------------------------------
 
 def param(model_config: dict, key: str) -> str:
     return model_config["parameters"][key]["string_value"]
+
+
+def input_array(pb_utils, request, name: str) -> np.ndarray | None:
+    """A request's input as numpy; None when an optional input was not sent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 def one_string(array: np.ndarray, name: str) -> str:
@@ -61,10 +80,13 @@ def one_string(array: np.ndarray, name: str) -> str:
         raise RequestError(f"{name} is not valid UTF-8: {e}") from e
 
 
-def one_int(array: np.ndarray, name: str) -> int:
+def one_value(array: np.ndarray | None, name: str, default):
+    """The single element of an optional `[1]` input as a Python scalar; `default` when it was not sent."""
+    if array is None:
+        return default
     if array.size != 1:
         raise RequestError(f"{name} must hold exactly one element, got shape {list(array.shape)}")
-    return int(array.reshape(-1)[0])
+    return array.reshape(-1)[0].item()
 
 
 def check_prompt(prompt: str, max_chars: int) -> str:
@@ -75,26 +97,39 @@ def check_prompt(prompt: str, max_chars: int) -> str:
     return prompt
 
 
+def check_num_frames(num_frames: int, max_frames: int) -> int:
+    if num_frames < 0:
+        raise RequestError(f"num_frames must be 0 (all) or positive, got {num_frames}")
+    if num_frames > max_frames:
+        raise RequestError(f"too many frames: num_frames {num_frames} > {max_frames}")
+    return num_frames
+
+
 def decode_video(video: bytes, num_frames: int, max_bytes: int, max_frames: int) -> np.ndarray:
     """Video bytes -> uint8 `[N, H, W, 3]` exactly as `sparrow.video.decode` does; num_frames 0 keeps all."""
     from .video import VideoError, decode
 
     if len(video) > max_bytes:
         raise RequestError(f"video too large: {len(video)} bytes > {max_bytes} (oversized request)")
-    if num_frames < 0:
-        raise RequestError(f"num_frames must be 0 (all) or positive, got {num_frames}")
-    if num_frames > max_frames:
-        raise RequestError(f"too many frames: num_frames {num_frames} > {max_frames}")
+    check_num_frames(num_frames, max_frames)
     try:
         return decode(video, num_frames=num_frames or None, max_frames=max_frames)
     except VideoError as e:
         raise RequestError(f"bad video: {e}") from e
 
 
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise RequestError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
-    return strategy
+def check_frames(frames: np.ndarray, num_frames: int, max_bytes: int, max_frames: int) -> np.ndarray:
+    """Raw uint8 frames `[N, H, W, 3]` (Triton has checked dtype and rank), sampled as `decode` samples."""
+    from .video import sample_uniform
+
+    if frames.nbytes > max_bytes:
+        raise RequestError(f"frames too large: {frames.nbytes} bytes > {max_bytes} (oversized request)")
+    if min(frames.shape[:3]) < 1:
+        raise RequestError(f"frames must have shape [N>=1, H>=1, W>=1, 3], got {list(frames.shape)}")
+    if len(frames) > max_frames:
+        raise RequestError(f"too many frames: {len(frames)} > {max_frames}; send fewer")
+    check_num_frames(num_frames, max_frames)
+    return sample_uniform(frames, num_frames) if num_frames else frames
 
 
 def check_max_tokens(max_tokens: int, limit: int) -> int:
@@ -103,29 +138,119 @@ def check_max_tokens(max_tokens: int, limit: int) -> int:
     return max_tokens
 
 
-class Responder:
-    """`handle(request)` as a response: a refused request (bad input) or a failure becomes that request's
-    error, never the model's. Counts requests by model and outcome on Triton's metrics port."""
+def check_temperature(temperature: float) -> float:
+    if not 0.0 <= temperature <= 10.0:  # also refuses NaN
+        raise RequestError(f"temperature must lie in [0, 10], got {temperature}")
+    return temperature
 
-    OUTCOMES = ("ok", "refused", "failed")
+
+def text_piece(decode, prior: list[int], new: list[int], final: bool) -> str:
+    """Incremental detokenisation, stateless: the text `new` adds after `prior` (token ids).
+
+    `decode(ids)` is the full answer's decode (`sparrow.generate`: skip special tokens, strip). Decoding
+    the whole prefix, not the new tokens alone, keeps what tokenizers do across token boundaries (spaces
+    between words, SentencePiece's leading-space marker, multi-byte characters split over byte tokens).
+    A trailing U+FFFD (an incomplete UTF-8 character) is held back until the bytes that finish it arrive
+    (or the stream ends), so the pieces of a stream concatenate to exactly `decode(all ids)`.
+    """
+    before = decode(prior).rstrip("\ufffd")
+    after = decode(prior + new)
+    if not final:
+        after = after.rstrip("\ufffd")
+    if after.startswith(before):
+        return after[len(before):]
+    # a tokenizer whose decode rewrites earlier text (e.g. clean-up of spaces before punctuation):
+    # what was sent cannot be taken back, so send what follows the common prefix
+    common = len(os.path.commonprefix([before, after]))
+    return after[common:]
+
+
+class CancelFlags:
+    """Carries a client's cancellation from postprocessing to the running sparrow_llm, by request id.
+
+    Triton cancels an ensemble's steps only when it schedules them (core ensemble_scheduler.cc, up to at
+    least 2.51): the in-flight decoupled sparrow_llm request never reports `is_cancelled()`, but every
+    postprocessing request scheduled after the cancellation does, and composing requests carry the
+    ensemble request's id. So postprocessing marks the id here (an empty file in a directory both models
+    share) and sparrow_llm looks for the mark between draft/verify steps. Needs a request id that is
+    unique per stream (sparrow.client sets one); without an id a cancelled stream runs to its end.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, request_id: str) -> Path:
+        import hashlib  # ids are client strings: hash them into safe file names
+
+        return self.dir / hashlib.sha1(request_id.encode("utf-8")).hexdigest()
+
+    def mark(self, request_id: str) -> None:
+        if request_id:
+            self._path(request_id).touch()
+
+    def is_marked(self, request_id: str) -> bool:
+        return bool(request_id) and self._path(request_id).exists()
+
+    def clear(self, request_id: str, older_than_s: float = 60.0) -> None:
+        """Drop this id's mark, and any mark older than `older_than_s` (one that arrived after its request
+        had ended), so marks do not pile up."""
+        if request_id:
+            self._path(request_id).unlink(missing_ok=True)
+        now = time.time()
+        for f in self.dir.iterdir():
+            try:
+                if now - f.stat().st_mtime > older_than_s:
+                    f.unlink()
+            except FileNotFoundError:  # the other model removed it first
+                pass
+
+
+class Responder:
+    """Runs one request's handler so that a refused request (bad input), a cancelled one or a failure
+    ends that request, never the model. Counts requests by model and outcome on Triton's metrics port."""
+
+    OUTCOMES = ("ok", "refused", "cancelled", "failed")
 
     def __init__(self, pb_utils, model: str):
         self.pb = pb_utils
         self.family = pb_utils.MetricFamily(
             name="sparrow_requests_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Requests by model and outcome (ok; refused: bad input; failed: server-side error)")
+            description="Requests by model and outcome (ok; refused: bad input; cancelled: by the client; "
+                        "failed: server-side error)")
         self.count = {o: self.family.Metric(labels={"model": model, "outcome": o}) for o in self.OUTCOMES}
 
-    def __call__(self, handle, request):
+    def _error(self, e: Exception) -> tuple[object | None, str]:
+        """(error response, outcome) for an exception out of a handler; no response for a cancellation."""
         pb = self.pb
+        if isinstance(e, RequestError):
+            return pb.InferenceResponse(error=pb.TritonError(str(e), pb.TritonError.INVALID_ARG)), "refused"
+        if isinstance(e, Cancelled):
+            return None, "cancelled"
+        return pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")), "failed"
+
+    def __call__(self, handle, request):
+        """A non-decoupled model: `handle(request)` returns the response."""
         try:
             response, outcome = handle(request), "ok"
-        except RequestError as e:
-            response, outcome = pb.InferenceResponse(error=pb.TritonError(str(e), pb.TritonError.INVALID_ARG)), "refused"
         except Exception as e:  # noqa: BLE001 - one request's failure must not take the model down
-            response, outcome = pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")), "failed"
+            response, outcome = self._error(e)
         self.count[outcome].increment(1)
         return response
+
+    def stream(self, handle, request) -> None:
+        """A decoupled model: `handle(request, sender)` sends its responses; this sends the final flag."""
+        sender = request.get_response_sender()
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            handle(request, sender)
+            outcome = "ok"
+        except Exception as e:  # noqa: BLE001 - one request's failure must not take the model down
+            response, outcome = self._error(e)
+            if response is not None:
+                sender.send(response)
+        self.count[outcome].increment(1)
+        sender.send(flags=final)
 
     def close(self) -> None:
         """Metrics before their family, as Triton requires."""
@@ -134,9 +259,9 @@ class Responder:
 
 
 class DecodeMetrics:
-    """Per-strategy decoding metrics of sparrow_llm, from each result's `stats`."""
+    """sparrow_llm's decoding metrics by strategy ("sparrow" speculative, "ar" plain)."""
 
-    BUCKETS = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0]
+    BUCKETS = {"accepted": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0], "step": [1, 2, 3, 4, 5, 6, 7, 8]}
 
     def __init__(self, pb_utils):
         mf = pb_utils.MetricFamily
@@ -149,14 +274,19 @@ class DecodeMetrics:
                          description="Time in target verify steps, by strategy"),
             "accepted": mf(name="sparrow_mean_accepted_length", kind=mf.HISTOGRAM,
                            description="Per request: tokens per target step (mean accepted length)"),
+            "step": mf(name="sparrow_accepted_length", kind=mf.HISTOGRAM,
+                       description="Per draft/verify step: tokens committed (accepted drafts + the target's own)"),
         }
         self.metrics: dict = {}
 
     def _metric(self, key: str, strategy: str):
         if (key, strategy) not in self.metrics:
-            extra = {"buckets": self.BUCKETS} if key == "accepted" else {}
+            extra = {"buckets": self.BUCKETS[key]} if key in self.BUCKETS else {}
             self.metrics[key, strategy] = self.families[key].Metric(labels={"strategy": strategy}, **extra)
         return self.metrics[key, strategy]
+
+    def observe_step(self, strategy: str, committed: int) -> None:
+        self._metric("step", strategy).observe(committed)
 
     def observe(self, stats: dict) -> None:
         strategy = stats["strategy"]
@@ -187,6 +317,7 @@ def layout_repository(out: Path, cfg: ServeConfig) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     values = {k: str(v) for k, v in cfg.__dict__.items()}
+    values["cancel_dir"] = str((Path(out) / "cancelled").resolve())  # CancelFlags, shared by two models
     for name in MODELS:
         (dst / name / "1").mkdir(parents=True)
         text = (src / name / "config.pbtxt").read_text()

@@ -1,10 +1,16 @@
 """Triton serving end to end: a real tritonserver (from the nvidia-pytriton wheel) serving triton_repo/,
-called over real gRPC with sparrow.client; answers checked against in-process decoding."""
+called over real gRPC streams with sparrow.client (sync and asyncio); answers checked against in-process
+decoding."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +20,11 @@ if __import__("importlib").util.find_spec("pytriton") is None:
     pytest.skip("the serve extra (nvidia-pytriton, which carries tritonserver) is not installed",
                 allow_module_level=True)
 
-from sparrow.client import SparrowClient, SparrowServerError  # noqa: E402
+from sparrow.client import (Answer, AsyncSparrowClient, RetryPolicy, SparrowClient,  # noqa: E402
+                            SparrowInvalidRequest, SparrowServerError, SparrowUnavailable)
 from sparrow.demo.text import CAPTION_PROMPT  # noqa: E402
 from sparrow.demo.world import make_scene, render  # noqa: E402
-from sparrow.serving import ServeConfig, free_port, start_server  # noqa: E402
+from sparrow.serving import ServeConfig, free_port, start_server, text_piece  # noqa: E402
 from sparrow.video import decode, encode  # noqa: E402
 
 MAX_FRAMES = 48
@@ -59,74 +66,69 @@ def target():
     return Target.load(DEMO_TARGET_DIR)
 
 
+def streamed(client: SparrowClient, *args, **kw) -> tuple[list[str], Answer]:
+    items = list(client.stream(*args, **kw))
+    assert isinstance(items[-1], Answer) and all(isinstance(p, str) for p in items[:-1])
+    return items[:-1], items[-1]
+
+
 @pytest.mark.parametrize("seed,prompt", [(7, CAPTION_PROMPT), (11, None)])
-def test_answer_equals_local_autoregressive(client, target, seed, prompt):
-    """Sparrow speculative decoding behind Triton is lossless: the same tokens as local greedy `ar`."""
+def test_streamed_answer_equals_local_autoregressive(client, target, seed, prompt):
+    """Sparrow speculative decoding behind Triton is lossless and streams: the same tokens as local greedy
+    `ar`, in several pieces that concatenate to the text; speculative=false gives the same tokens."""
     from sparrow.demo.text import questions
     from sparrow.generate import generate_ar
 
     video = demo_video(seed)
     prompt = prompt or questions(make_scene(seed))[0].question
     want = generate_ar(target, decode(video), prompt, max_new_tokens=MAX_TOKENS)
-    got = client.infer(video, prompt, strategy="sparrow", max_tokens=MAX_TOKENS)
+    pieces, got = streamed(client, video, prompt, max_tokens=MAX_TOKENS)
     assert got.token_ids == want.token_ids
-    assert got.text == want.text and got.text
+    assert "".join(pieces) == got.text == want.text and got.text
+    words = want.text.split()  # the demo tokenizer is word-level: one token per word, plus end-of-turn
+    assert len(pieces) > 1 or len(words) == 1
+    assert got.first_piece_s is not None and got.first_piece_s <= got.total_s
     s = got.stats
     assert s["strategy"] == "sparrow" and s["new_tokens"] == len(want.token_ids)
     if s["target_steps"]:
         assert s["mean_accepted_length"] >= 1.0 and s["draft_ms_per_step"] > 0 and s["verify_ms_per_step"] > 0
-    ar = client.infer(video, prompt, strategy="ar", max_tokens=MAX_TOKENS)
-    assert ar.token_ids == want.token_ids and ar.stats["strategy"] == "ar"
+    ar_pieces, ar = streamed(client, video, prompt, max_tokens=MAX_TOKENS, speculative=False)
+    assert ar.token_ids == want.token_ids and ar.text == want.text and ar.stats["strategy"] == "ar"
+    assert len(ar_pieces) == len(words)  # plain decoding streams every token on its own
 
 
-def test_corrupt_video_is_refused_and_server_keeps_serving(client):
-    rng = np.random.default_rng(0)
-    with pytest.raises(SparrowServerError, match="bad video: cannot open video") as e:
-        client.infer(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "what happens ?")
-    assert e.value.status == "StatusCode.INVALID_ARGUMENT"
-    truncated = demo_video(3)[:200]  # a real mp4 header with nothing decodable after it
-    with pytest.raises(SparrowServerError, match="bad video"):
-        client.infer(truncated, "what happens ?")
-    ok = client.infer(demo_video(3), CAPTION_PROMPT, max_tokens=4)
-    assert ok.text and len(ok.token_ids) <= 4
+def test_frames_input_and_sampling(client):
+    video = demo_video(4)
+    frames = decode(video)  # uint8 [N, H, W, 3]
+    by_video = client.infer(video, CAPTION_PROMPT, max_tokens=12, num_frames=8)
+    by_frames = client.infer(frames=frames, prompt=CAPTION_PROMPT, max_tokens=12, num_frames=8)
+    assert by_frames.token_ids == by_video.token_ids and by_frames.text
+    # temperature > 0: rejection sampling on the chain, reproducible for a seed
+    a, b = (client.infer(video, CAPTION_PROMPT, max_tokens=16, temperature=1.5, seed=3) for _ in range(2))
+    assert a.token_ids == b.token_ids and a.stats["strategy"] == "sparrow"
 
 
-@pytest.mark.parametrize("case,match", [
-    ("empty_prompt", "prompt is empty"),
-    ("too_many_frames", f"more than {MAX_FRAMES} frames"),
-    ("oversized", "video too large"),
-    ("empty_video", "video is empty"),
-    ("strategy", "unknown strategy"),
-    ("max_tokens", r"max_tokens must lie in \[1, 64\]"),
-])
-def test_bad_requests_get_named_errors(client, case, match):
-    video, prompt, kw = demo_video(5, frames=8), "what happens ?", {}
-    if case == "empty_prompt":
-        prompt = "  "
-    elif case == "too_many_frames":
-        video = demo_video(5, frames=MAX_FRAMES + 8, side=32)
-    elif case == "oversized":
-        video = bytes(MAX_VIDEO_BYTES + 1)
-    elif case == "empty_video":
-        video = b""
-    elif case == "strategy":
-        kw["strategy"] = "medusa"
-    else:
-        kw["max_tokens"] = 1000
-    with pytest.raises(SparrowServerError, match=match):
-        client.infer(video, prompt, **kw)
-    assert client.ready()
+def test_pieces_concatenate_exactly():
+    """Incremental detokenisation on a real byte-level decode: a character split over tokens is held back
+    until complete, and every split of the ids gives pieces that join to the full text."""
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace").strip()
+
+    ids = list(" naïve – 東京 ok".encode("utf-8"))
+    for cut in range(len(ids) + 1):
+        for step in (1, 2, 3):
+            chunks = [ids[:cut]] + [ids[i:i + step] for i in range(cut, len(ids), step)] + [[]]
+            prior, text = [], ""
+            for i, chunk in enumerate(chunks):
+                piece = text_piece(decode, prior, chunk, final=i == len(chunks) - 1)
+                assert "\ufffd" not in piece
+                text, prior = text + piece, prior + chunk
+            assert text == decode(ids)
 
 
-def test_bad_request_beside_a_concurrent_good_one(server, client):
-    from concurrent.futures import ThreadPoolExecutor
-
-    with SparrowClient(server.grpc_url, timeout_s=300) as other, ThreadPoolExecutor(2) as pool:
-        good = pool.submit(client.infer, demo_video(9), CAPTION_PROMPT, max_tokens=8)
-        bad = pool.submit(other.infer, b"not a video at all", "what happens ?")
-        assert good.result().text
-        with pytest.raises(SparrowServerError, match="bad video"):
-            bad.result()
+def _metrics(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 def _metric(text: str, name: str, **labels) -> float:
@@ -138,30 +140,200 @@ def _metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
-def test_metrics_on_the_metrics_port(server, client):
-    import urllib.request
+def test_cancelled_stream_frees_the_instance(server, client):
+    """Leaving a stream after its first piece cancels the request: sparrow_llm stops decoding (counted
+    as cancelled) and the next request is answered at once."""
+    video = demo_video(12, frames=MAX_FRAMES)
 
+    def cancelled() -> float:
+        return _metric(_metrics(server), "sparrow_requests_total", model="sparrow_llm", outcome="cancelled")
+
+    before = cancelled()
+    stream = client.stream(video, CAPTION_PROMPT, max_tokens=64, speculative=False)
+    assert isinstance(next(stream), str)
+    stream.close()  # what leaving a `for` loop over it does
+    deadline = time.monotonic() + 10
+    while cancelled() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled() == before + 1
+    t0 = time.perf_counter()
+    assert client.infer(video, CAPTION_PROMPT, max_tokens=4).text
+    assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty_prompt", "prompt is empty"),
+    ("too_many_frames", f"more than {MAX_FRAMES} frames"),
+    ("too_many_raw_frames", f"too many frames: {MAX_FRAMES + 1} > {MAX_FRAMES}"),
+    ("oversized", "video too large"),
+    ("empty_video", "video is empty"),
+    ("corrupt_video", "bad video: cannot open video"),
+    ("truncated_video", "bad video"),
+    ("both", "send exactly one of `video`"),
+    ("neither", "got neither"),
+    ("frames_dtype", "data-type is 'FP32', but model 'sparrow' expects 'UINT8'"),
+    ("frames_shape", "unexpected shape for input 'frames'"),
+    ("max_tokens", r"max_tokens must lie in \[1, 64\]"),
+    ("temperature", r"temperature must lie in \[0, 10\]"),
+    ("unknown_model", "unknown model"),
+])
+def test_bad_requests_get_named_errors(server, client, case, match):
+    video, frames, prompt, kw = demo_video(5, frames=8), None, "what happens ?", {}
+    if case == "empty_prompt":
+        prompt = "  "
+    elif case == "too_many_frames":
+        video = demo_video(5, frames=MAX_FRAMES + 8, side=32)
+    elif case == "too_many_raw_frames":
+        video, frames = None, np.zeros((MAX_FRAMES + 1, 16, 16, 3), np.uint8)
+    elif case == "oversized":
+        video = bytes(MAX_VIDEO_BYTES + 1)
+    elif case == "empty_video":
+        video = b""
+    elif case == "corrupt_video":
+        video = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    elif case == "truncated_video":
+        video = video[:200]  # a real mp4 header with nothing decodable after it
+    elif case == "both":
+        frames = decode(video)
+    elif case == "neither":
+        video = None
+    elif case == "frames_dtype":
+        video, frames = None, np.zeros((4, 16, 16, 3), np.float32)
+    elif case == "frames_shape":
+        video, frames = None, np.zeros((4, 16, 3), np.uint8)
+    elif case == "max_tokens":
+        kw["max_tokens"] = 1000
+    elif case == "temperature":
+        kw["temperature"] = -1.0
+    if case == "unknown_model":
+        with SparrowClient(server.grpc_url, model="no_such_model") as other:
+            with pytest.raises(SparrowInvalidRequest, match=match):
+                other.infer(video, prompt)
+    else:
+        with pytest.raises(SparrowInvalidRequest, match=match) as e:
+            client.infer(video, prompt, frames=frames, **kw)
+        assert e.value.status == "INVALID_ARGUMENT"
+    assert client.ready()
+
+
+def test_bad_requests_beside_a_concurrent_good_one(server, client):
+    with SparrowClient(server.grpc_url, timeout_s=300) as other, ThreadPoolExecutor(3) as pool:
+        good = pool.submit(client.infer, demo_video(9), CAPTION_PROMPT, max_tokens=8)
+        bad = [pool.submit(other.infer, b"not a video at all", "what happens ?"),
+               pool.submit(other.infer, frames=np.zeros((2, 8, 8, 3), np.uint8), prompt="")]
+        assert good.result().text
+        for b, match in zip(bad, ("bad video", "prompt is empty")):
+            with pytest.raises(SparrowInvalidRequest, match=match):
+                b.result()
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (tritonserver and its Python-backend stubs)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def test_memory_flat_over_200_bad_requests(server, client):
+    corrupt = np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    bad = [dict(video=corrupt, prompt="what happens ?"), dict(video=demo_video(2, frames=4), prompt=" "),
+           dict(frames=np.zeros((MAX_FRAMES + 1, 16, 16, 3), np.uint8), prompt="what happens ?"),
+           dict(frames=np.zeros((4, 16, 16, 3), np.float32), prompt="what happens ?")]
+
+    def send(n: int) -> None:
+        for i in range(n):
+            with pytest.raises(SparrowInvalidRequest):
+                client.infer(**bad[i % len(bad)])
+
+    send(40)  # first-use allocations (decoder, tokenizer paths) before the baseline
+    before = _rss_mb(server.process.pid)
+    send(200)
+    growth = _rss_mb(server.process.pid) - before
+    assert growth < 50, f"server memory grew {growth:.1f} MB over 200 bad requests"
+    assert client.infer(demo_video(2), CAPTION_PROMPT, max_tokens=4).text
+
+
+def test_async_client(server):
+    video = demo_video(7)
+
+    async def main():
+        async with AsyncSparrowClient(server.grpc_url, timeout_s=300) as c:
+            assert await c.ready()
+            health = await c.health()
+            assert health.live and health.ready and all(health.models.values())
+            items = [x async for x in c.stream(video, CAPTION_PROMPT, max_tokens=MAX_TOKENS)]
+            answers = await asyncio.gather(c.infer(video, CAPTION_PROMPT, max_tokens=MAX_TOKENS),
+                                           c.infer(video, CAPTION_PROMPT, max_tokens=MAX_TOKENS, speculative=False))
+            with pytest.raises(SparrowInvalidRequest, match="bad video"):
+                await c.infer(b"junk", CAPTION_PROMPT)
+            return items, answers
+
+    items, answers = asyncio.run(main())
+    assert "".join(items[:-1]) == items[-1].text
+    assert all(a.token_ids == items[-1].token_ids for a in answers)
+
+
+def test_metrics_on_the_metrics_port(server, client):
     client.infer(demo_video(3), CAPTION_PROMPT, max_tokens=8)
+    client.infer(demo_video(3), CAPTION_PROMPT, max_tokens=8, speculative=False)
     with pytest.raises(SparrowServerError):
         client.infer(b"", "what happens ?")
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
+    text = _metrics(server)
     assert _metric(text, "sparrow_requests_total", model="preprocessing", outcome="refused") >= 1
-    assert _metric(text, "sparrow_requests_total", model="sparrow_llm", outcome="ok") >= 1
+    assert _metric(text, "sparrow_requests_total", model="sparrow_llm", outcome="ok") >= 2
     assert _metric(text, "sparrow_generated_tokens_total", strategy="sparrow") >= 1
-    assert _metric(text, "sparrow_mean_accepted_length_count", strategy="sparrow") >= 1
+    assert _metric(text, "sparrow_generated_tokens_total", strategy="ar") >= 1
+    assert _metric(text, "sparrow_accepted_length_count", strategy="sparrow") >= 1  # per draft/verify step
+    assert _metric(text, "sparrow_mean_accepted_length_count", strategy="sparrow") >= 1  # per request
+    assert _metric(text, "sparrow_draft_seconds_total", strategy="sparrow") > 0
     assert _metric(text, "sparrow_verify_seconds_total", strategy="sparrow") > 0
     assert "nv_inference_request_success" in text  # Triton's own metrics beside ours
 
 
+def test_server_down_is_a_clear_error_after_retries():
+    retry = RetryPolicy(attempts=3, initial_backoff_s=0.2)
+    with SparrowClient(f"localhost:{free_port()}", timeout_s=30, retry=retry) as c:
+        t0 = time.perf_counter()
+        with pytest.raises(SparrowUnavailable, match="unavailable after 3 attempts"):
+            c.infer(b"video", "what happens ?")
+        assert time.perf_counter() - t0 >= 0.2 + 0.4  # it backed off between the attempts
+
+
+def test_cli_stream_and_health(server, tmp_path):
+    video = tmp_path / "v.mp4"
+    video.write_bytes(demo_video(7))
+    cli = [sys.executable, "-m", "sparrow.client.cli"]
+    out = subprocess.run(cli + ["infer", "--url", server.grpc_url, "--video", str(video), "--prompt", CAPTION_PROMPT,
+                                "--max-tokens", "12", "--stream"], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() and "tok/s" in out.stderr and "mean accepted length" in out.stderr
+    out = subprocess.run(cli + ["health", "--url", server.grpc_url], check=True, capture_output=True, text=True)
+    assert "live True, ready True" in out.stdout and "sparrow_llm" in out.stdout
+
+
 def test_client_imports_without_torch():
-    code = ("import sys; import sparrow.client, sparrow.client.cli; "
+    code = ("import sys; import sparrow.client, sparrow.client.api, sparrow.client.cli; "
             "assert 'torch' not in sys.modules, 'sparrow.client imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_cli_help():
     for cmd in ([sys.executable, "-m", "sparrow.cli", "serve", "--help"],
-                [sys.executable, "-m", "sparrow.client.cli", "infer", "--help"]):
+                [sys.executable, "-m", "sparrow.client.cli", "infer", "--help"],
+                [sys.executable, "-m", "sparrow.client.cli", "health", "--help"]):
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         assert "--grpc-port" in out or "--url" in out

@@ -1,4 +1,5 @@
-"""preprocessing: video bytes -> uint8 frames [N, H, W, 3] (sparrow.video.decode); the prompt is checked."""
+"""preprocessing: `video` bytes (decoded with sparrow.video.decode) or raw `frames` -> checked uint8
+frames [N, H, W, 3], sampled to `num_frames` when given; the prompt is checked."""
 
 import json
 
@@ -19,15 +20,21 @@ class TritonPythonModel:
 
     def _one(self, request):
         s = self.s
-        get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
+        get = lambda name: s.input_array(pb_utils, request, name)  # noqa: E731 - None: not sent
         prompt = s.check_prompt(s.one_string(get("prompt"), "prompt"), self.max_chars)
-        video = get("video")
-        if video.size != 1:
+        num_frames = s.one_value(get("num_frames"), "num_frames", 0)
+        video, frames = get("video"), get("frames")
+        if (video is None) == (frames is None):
+            raise s.RequestError("send exactly one of `video` (a whole file, BYTES) or `frames` "
+                                 f"(UINT8 [N, H, W, 3]); got {'both' if video is not None else 'neither'}")
+        if frames is not None:
+            frames = s.check_frames(frames, num_frames, self.max_bytes, self.max_frames)
+        elif video.size != 1:
             raise s.RequestError(f"video must hold exactly one element (a whole file), got shape {list(video.shape)}")
-        frames = s.decode_video(bytes(video.reshape(-1)[0]), s.one_int(get("num_frames"), "num_frames"),
-                                self.max_bytes, self.max_frames)
+        else:
+            frames = s.decode_video(bytes(video.reshape(-1)[0]), num_frames, self.max_bytes, self.max_frames)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("frames", np.ascontiguousarray(frames)),
+            pb_utils.Tensor("frames_checked", np.ascontiguousarray(frames)),
             pb_utils.Tensor("prompt_checked", np.array([prompt.encode("utf-8")], dtype=np.object_))])
 
     def execute(self, requests):

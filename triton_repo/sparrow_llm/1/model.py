@@ -1,10 +1,14 @@
-"""sparrow_llm: the demo target on sparrow.runtime.Runtime with the Sparrow draft.
+"""sparrow_llm (decoupled): the demo target on sparrow.runtime.Runtime with the Sparrow draft.
 
-strategy "sparrow": sparrow.speculative.generate_speculative with a chain of `draft_len` drafted tokens;
-strategy "ar": sparrow.generate.generate_ar (exact autoregressive). Greedy; both give the same tokens.
+speculative=true (default): sparrow.speculative.generate_speculative with a chain of `draft_len` drafted
+tokens; speculative=false: sparrow.generate.generate_ar. Greedy at temperature 0 (both give the same
+tokens); temperature > 0 samples (rejection sampling on the chain), seeded by `seed`.
+Streams one response per committed batch of tokens through the decoders' `on_tokens` hook, which also
+checks between draft/verify steps whether the client cancelled, and stops decoding if so.
 """
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -27,6 +31,8 @@ class TritonPythonModel:
         self.tree = TokenTree.chain(int(serving.param(cfg, "draft_len")))
         self.max_len = int(serving.param(cfg, "max_len"))
         self.max_tokens_limit = int(serving.param(cfg, "max_tokens_limit"))
+        self.default_max_tokens = int(serving.param(cfg, "default_max_tokens"))
+        self.cancel_flags = serving.CancelFlags(serving.param(cfg, "cancel_dir"))
         target = Target.load(DEMO_TARGET_DIR)
         self.runtime = Runtime(target, max_len=self.max_len)
         self.draft = Draft.load(DEMO_DRAFTS["sparrow"], target.model)
@@ -36,13 +42,17 @@ class TritonPythonModel:
                              max_new_tokens=2, min_new_tokens=2)
         self.metrics = serving.DecodeMetrics(pb_utils)  # after the warm-up, which it does not count
 
-    def _one(self, request):
+    def _stream(self, request, sender):
         s = self.s
-        get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
+        get = lambda name: s.input_array(pb_utils, request, name)  # noqa: E731 - None: not sent
         frames = get("frames")
         prompt = s.one_string(get("prompt"), "prompt")
-        strategy = s.check_strategy(s.one_string(get("strategy"), "strategy"))
-        max_tokens = s.check_max_tokens(s.one_int(get("max_tokens"), "max_tokens"), self.max_tokens_limit)
+        max_tokens = s.check_max_tokens(s.one_value(get("max_tokens"), "max_tokens", self.default_max_tokens),
+                                        self.max_tokens_limit)
+        temperature = s.check_temperature(s.one_value(get("temperature"), "temperature", 0.0))
+        seed = s.one_value(get("seed"), "seed", 0)
+        speculative = bool(s.one_value(get("speculative"), "speculative", True))
+        t0 = time.perf_counter()
         try:
             prepared = self.runtime.prepare(frames, prompt)  # checked here, then reused by the decoder
         except ValueError as e:  # TargetError: empty prompt, bad frames, too many frames
@@ -51,18 +61,48 @@ class TritonPythonModel:
         if need > self.max_len:
             raise s.RequestError(f"request too long: {need} positions (prompt, video and max_tokens) "
                                  f"> {self.max_len} the server holds; send fewer frames or a smaller video")
-        if strategy == "ar":
-            res = self.generate_ar(self.runtime, frames, prompt, max_new_tokens=max_tokens, prepared=prepared)
-        else:
-            res = self.generate_speculative(self.runtime, self.draft, frames, prompt, self.tree,
-                                            max_new_tokens=max_tokens, prepared=prepared)
+        strategy = "sparrow" if speculative else "ar"
+        request_id = request.request_id()
+        self.cancel_flags.clear(request_id)  # a mark left from an earlier stream with this id
+        sent: list[int] = []  # every token streamed so far: the next piece's prior_ids
+        first_token_s = None
+
+        def on_tokens(chunk: list[int]) -> None:
+            nonlocal first_token_s
+            # the client closed its stream (called directly, or through the ensemble): stop before the next step
+            if request.is_cancelled() or self.cancel_flags.is_marked(request_id):
+                raise s.Cancelled()
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - t0
+            elif speculative:  # every chunk after the first is one draft/verify step's commit
+                self.metrics.observe_step(strategy, len(chunk))
+            sender.send(self._response(chunk, sent, ""))
+            sent.extend(chunk)
+
+        kw = dict(max_new_tokens=max_tokens, temperature=temperature, seed=seed, on_tokens=on_tokens,
+                  prepared=prepared)
+        try:
+            if speculative:
+                res = self.generate_speculative(self.runtime, self.draft, frames, prompt, self.tree, **kw)
+            else:
+                res = self.generate_ar(self.runtime, frames, prompt, **kw)
+        finally:
+            self.cancel_flags.clear(request_id)
+        res.stats["first_token_s"] = round(first_token_s, 4)
         self.metrics.observe(res.stats)
+        sender.send(self._response([], sent, json.dumps(res.stats)))
+
+    @staticmethod
+    def _response(new: list[int], prior: list[int], stats: str):
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("token_ids", np.asarray(res.token_ids, dtype=np.int32)),
-            pb_utils.Tensor("stats", np.array([json.dumps(res.stats).encode("utf-8")], dtype=np.object_))])
+            pb_utils.Tensor("token_ids", np.asarray(new, dtype=np.int32)),  # [n] this response's tokens
+            pb_utils.Tensor("prior_ids", np.asarray(prior, dtype=np.int32)),  # [m] every token before them
+            pb_utils.Tensor("stats", np.array([stats.encode("utf-8")], dtype=np.object_))])
 
     def execute(self, requests):
-        return [self.respond(self._one, r) for r in requests]
+        for request in requests:
+            self.respond.stream(self._stream, request)
+        return None  # decoupled: responses went out through each request's sender
 
     def finalize(self):
         self.metrics.close()
