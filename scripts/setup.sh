@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh Debian/Ubuntu machine: a virtual environment at .venv with the project
-# and its test, serve and client extras. Safe to run again (it only installs what is missing).
+# and its test, serve, client and load extras. Safe to run again (it only installs what is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# The runtime's fused CPU attention op (sparrow/csrc) is compiled on first use and needs a C++
-# compiler; install g++ only when none is there and we may (root, or sudo without a password).
-if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="-"; fi
+# System packages are installed only when missing and only when we may (root, or sudo without a password).
+if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="-"; fi
+apt_install() {  # apt_install PACKAGE WHAT-IS-LOST-WITHOUT-IT
   if [ "$SUDO" != "-" ] && command -v apt-get >/dev/null 2>&1; then
-    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q g++
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "$1"
   else
-    echo "setup: no C++ compiler and no way to install one: the runtime will use its torch attention" >&2
+    echo "setup: $1 is missing and cannot be installed here: $2" >&2
   fi
+}
+# The runtime's fused CPU attention op (sparrow/csrc) is compiled on first use and needs a C++ compiler.
+if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+  apt_install g++ "the runtime will use its torch attention"
+fi
+# perf_analyzer (`sparrow-client load`; the binary comes in the tritonclient 2.51 wheel) links libb64.
+if ! /sbin/ldconfig -p 2>/dev/null | grep 'libb64\.so\.0d' >/dev/null; then  # no -q: pipefail and SIGPIPE
+  apt_install libb64-0d "perf_analyzer will not start (sparrow-client load)"
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -27,5 +34,7 @@ fi
 # protobuf<5 while onnx (test extra) needs protobuf>=6.31, so no single resolve holds both: install the
 # extras, then put back the protobuf onnx needs (pip warns about tritonclient's pin; its gRPC code runs on
 # it, which tests/test_serving.py checks against a real server).
-.venv/bin/python -m pip install -q -e ".[serve,client]"
+# The load extra: nvidia-cuda-runtime-cu12 (libcudart.so.12, which perf_analyzer links; no GPU needed) and
+# matplotlib for the load report's plot.
+.venv/bin/python -m pip install -q -e ".[serve,client,load]"
 .venv/bin/python -m pip install -q "protobuf>=6.31.1"
