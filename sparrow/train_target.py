@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .demo.data import make_example
 from .demo.model import demo_config
 from .demo.tokenizer import build_tokenizer
-from .demo.world import NUM_OBJECT_CLASSES, Scene, object_classes
+from .demo.world import COLOURS, DIRECTIONS, KINDS, NUM_OBJECT_CLASSES, Scene, object_classes
 from .processing import VisionSpec, build_batch
 
 
@@ -37,6 +37,13 @@ class TargetTrainConfig:
     # shape and colour fills that 16x16 cell), used only during training; the saved model is the
     # plain Qwen2-VL. Without it the tower learned too slowly for the language model to use it.
     aux_weight: float = 0.3
+    # Auxiliary supervision of the language model's visual positions (a linear probe on the output of
+    # layer `scene_layer`): for every cell a shape covers, that shape's direction (once it has been seen
+    # in an earlier temporal patch) and its colour when it appeared. Without it the model read colours
+    # per frame but not motion (direction at chance) nor which colour came first: one answer token per
+    # video was too thin a signal for 4 layers to learn to compare a shape across time.
+    scene_weight: float = 0.3
+    scene_layer: int = 3
     warmup: int = 200
     weight_decay: float = 0.05
     frames: tuple[int, ...] = (16, 16, 24, 32)  # varied so the model does not tie itself to one length
@@ -44,6 +51,11 @@ class TargetTrainConfig:
     # and only slowly learns to look; with few shapes any visible object answers the question.
     easy_steps: int = 800
     side: int = 64
+    # Every `long_every`-th step trains on one long or high-resolution video (frames, side) with as many
+    # visual tokens as a whole regular batch, so the model meets the shape sizes and token counts of
+    # the long-video benchmarks (256 px, thousands of visual tokens) that 64 px clips never show it.
+    long_every: int = 4
+    long_videos: tuple[tuple[int, int], ...] = ((64, 128), (16, 256))
     checkpoint_every: int = 100
     eval_every: int = 500
     eval_videos: int = 40
@@ -53,6 +65,9 @@ class TargetTrainConfig:
             raise ValueError("steps and batch_size must be positive")
         if not self.frames or any(f < 2 for f in self.frames):
             raise ValueError(f"frames must be a non-empty list of counts >= 2, got {self.frames}")
+        if self.long_every < 0 or any(f < 2 or side % 16 for f, side in self.long_videos):
+            raise ValueError(f"long_every must be >= 0 and long_videos (frames >= 2, side a multiple of 16), "
+                             f"got {self.long_every}, {self.long_videos}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -84,17 +99,48 @@ def cell_targets(scene: Scene, num_frames: int, side: int, spec: VisionSpec) -> 
     return label.astype(np.int64).reshape(-1)
 
 
-def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tuple[dict, torch.Tensor]:
+IGNORE = -100
+
+
+def scene_targets(scene: Scene, cells: np.ndarray, temporal_patches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per visual token (labels from `cell_targets`): the covering shape's direction and first colour.
+
+    Direction is labelled only after the shape's first temporal patch, since causal attention has
+    nothing earlier to compare with there. Cells of no shape are IGNORE.
+    """
+    t = cells.reshape(temporal_patches, -1)  # [T', h * w]
+    direction = np.full(t.shape, IGNORE, dtype=np.int64)
+    colour = np.full(t.shape, IGNORE, dtype=np.int64)
+    by_kind = {s.kind: s for s in scene.shapes}
+    for k, kind in enumerate(KINDS):
+        on = (t > 0) & ((t - 1) // len(COLOURS) == k)  # [T', h * w]
+        if not on.any():
+            continue
+        shape = by_kind[kind]
+        colour[on] = list(COLOURS).index(shape.colour)
+        later = on & (np.arange(len(t))[:, None] > np.argmax(on.any(axis=1)))
+        direction[later] = list(DIRECTIONS).index(shape.direction)
+    return direction.reshape(-1), colour.reshape(-1)
+
+
+def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tuple[dict, list[torch.Tensor]]:
     rng = np.random.default_rng([cfg.seed, step, 10_000])
-    frames = int(rng.choice(cfg.frames))
-    items, cells = [], []
-    for j in range(cfg.batch_size):
+    frames, side, videos = int(rng.choice(cfg.frames)), cfg.side, cfg.batch_size
+    if cfg.long_videos and cfg.long_every and step >= cfg.easy_steps and step % cfg.long_every == 0:
+        frames, side = cfg.long_videos[int(rng.integers(len(cfg.long_videos)))]
+        videos = 1
+    items, cells, directions, colours = [], [], [], []
+    for j in range(videos):
         n_shapes = int(rng.integers(1, 3)) if step < cfg.easy_steps else None
-        ex = make_example(_example_seed(cfg, step, j), "mixed", num_frames=frames, side=cfg.side,
+        ex = make_example(_example_seed(cfg, step, j), "mixed", num_frames=frames, side=side,
                           n_shapes=n_shapes)
         items.append((ex.frames, ex.prompt, ex.answer))
-        cells.append(cell_targets(ex.scene, frames, cfg.side, spec))
-    return build_batch(tokenizer, spec, items), torch.from_numpy(np.concatenate(cells))
+        cells.append(cell_targets(ex.scene, frames, side, spec))
+        d, c = scene_targets(ex.scene, cells[-1], -(-frames // spec.temporal_patch_size))
+        directions.append(d)
+        colours.append(c)
+    labels = [torch.from_numpy(np.concatenate(x)) for x in (cells, directions, colours)]  # each [N_visual]
+    return build_batch(tokenizer, spec, items), labels
 
 
 def _prefetch(cfg, tokenizer, spec, start: int, q: queue.Queue):
@@ -122,9 +168,12 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
     tokenizer = build_tokenizer()
     model = Qwen2VLForConditionalGeneration(demo_config(tokenizer))
     spec = VisionSpec.from_config(model.config.vision_config)
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, NUM_OBJECT_CLASSES)
+    hidden = model.config.text_config.hidden_size
+    probe = torch.nn.Linear(hidden, NUM_OBJECT_CLASSES)
+    scene_probe = torch.nn.Linear(hidden, len(DIRECTIONS) + len(COLOURS))
     vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")] + list(probe.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    rest += list(scene_probe.parameters())
     opt = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": vision, "scale": cfg.vision_lr_scale}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     ckpt = work_dir / "checkpoint.pt"
@@ -135,6 +184,7 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
             raise ValueError(f"{ckpt} was written with a different config; use another --work-dir")
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
+        scene_probe.load_state_dict(state["scene_probe"])
         opt.load_state_dict(state["opt"])
         start, history, elapsed = state["step"], state["history"], state["elapsed"]
         print(f"resuming from step {start}")
@@ -145,28 +195,34 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
     t0 = time.time() - elapsed
     bar = tqdm(range(start, cfg.steps), desc="train target", initial=start, total=cfg.steps)
     for step in bar:
-        got, (batch, cells) = q.get()
+        got, (batch, (cells, directions, colours)) = q.get()
         assert got == step
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step) * g["scale"]
         pixels = batch.pop("pixel_values_videos")
         video = model.model.get_video_features(pixels, batch["video_grid_thw"], return_dict=True)
         aux = torch.nn.functional.cross_entropy(probe(torch.cat(video.pooler_output)), cells)
-        lm_loss = model(**batch, mm_encoder_outputs={"video": video}).loss
-        loss = lm_loss + cfg.aux_weight * aux
+        out = model(**batch, mm_encoder_outputs={"video": video}, output_hidden_states=True)
+        lm_loss = out.loss
+        visual = out.hidden_states[cfg.scene_layer][batch["input_ids"] == model.config.video_token_id]  # [N_visual, H]
+        scene_logits = scene_probe(visual)  # [N_visual, 4 + 8]
+        scene = (torch.nn.functional.cross_entropy(scene_logits[:, :len(DIRECTIONS)], directions, ignore_index=IGNORE)
+                 + torch.nn.functional.cross_entropy(scene_logits[:, len(DIRECTIONS):], colours, ignore_index=IGNORE))
+        loss = lm_loss + cfg.aux_weight * aux + cfg.scene_weight * scene
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(round(lm_loss.item(), 4))
-        bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", aux=f"{aux.item():.3f}")
+        bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", aux=f"{aux.item():.3f}", scene=f"{scene.item():.3f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             res = eval_target(model, tokenizer, videos=cfg.eval_videos, seed=1, progress=False)
             tqdm.write(f"step {done}: accuracy {res.accuracy:.3f} blank {res.blank_accuracy:.3f} {res.by_kind}")
             model.train()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": done,
+            torch.save({"model": model.state_dict(), "probe": probe.state_dict(),
+                        "scene_probe": scene_probe.state_dict(), "opt": opt.state_dict(), "step": done,
                         "history": history, "elapsed": time.time() - t0, "config": cfg.to_json()}, ckpt)
 
     model.eval()

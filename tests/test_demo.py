@@ -103,3 +103,25 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
 
 def test_kinds_and_colours():
     assert len(COLOURS) == 8 and len(KINDS) >= 4
+
+
+def test_training_labels_follow_the_scene():
+    """The target's auxiliary labels: per visual token, the covering shape's class, its direction (only
+    after the shape's first temporal patch) and its colour when it appeared; background is ignored."""
+    from sparrow.demo.model import demo_config
+    from sparrow.processing import VisionSpec
+    from sparrow.train_target import IGNORE, cell_targets, scene_targets
+
+    spec = VisionSpec.from_config(demo_config().vision_config)
+    for seed in range(20):
+        scene = make_scene(seed)
+        cells = cell_targets(scene, 16, 64, spec).reshape(8, 16)  # [T', h * w]
+        direction, colour = (x.reshape(8, 16) for x in scene_targets(scene, cells, 8))
+        assert ((cells == 0) == (colour == IGNORE)).all()
+        for s in scene.shapes:
+            on = (cells > 0) & ((cells - 1) // len(COLOURS) == KINDS.index(s.kind))
+            assert on.any(), (seed, s.kind)
+            first = np.argmax(on.any(axis=1))
+            assert (colour[on] == list(COLOURS).index(s.colour)).all()
+            assert (direction[first][on[first]] == IGNORE).all()
+            assert (direction[first + 1:][on[first + 1:]] == ["left", "right", "up", "down"].index(s.direction)).all()
