@@ -1,7 +1,9 @@
 """The `sparrow::` torch custom ops the draft calls: one op per operator on every device.
 
-CPU runs the reference, CUDA the Triton kernel; the fake implementations carry shapes through
-torch.export / torch.compile, so both see a single `sparrow::` node instead of tracing into it.
+Window attention runs the project's multi-token attention on CPU (the fused C++ op where it builds,
+as the target runtime does; `SPARROW_ATTENTION=torch` forces torch) and the Triton kernel on CUDA;
+the handoff runs the reference on CPU. The fake implementations carry shapes through torch.export /
+torch.compile, so both see a single `sparrow::` node instead of tracing into it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,26 @@ def _attention_cuda(q, k_win, v_win, anchors, k_new, v_new, mask, scale):
     from . import triton_kernels
 
     return triton_kernels.window_attention(q, k_win, v_win, anchors, k_new, v_new, mask, scale)
+
+
+@_attention.register_kernel("cpu")
+def _attention_cpu(q, k_win, v_win, anchors, k_new, v_new, mask, scale):
+    # Every draft step calls this over a few dozen keys, so per-call overhead is the cost: one
+    # contiguous [valid window; own tokens] copy per sequence and the runtime's attention, instead of
+    # the reference's head expansion and full-width masks.
+    from ..attention import cpu_backend
+    from ..attention import multi_token_attention as attend
+
+    dims = check_attention(q, k_win, v_win, anchors, k_new, v_new, mask)
+    if cpu_backend(q) == "cpp":
+        from ..attention_cpp import multi_token_attention as attend
+    own = mask | torch.eye(dims.queries, dtype=torch.bool)  # [Tq, Tq]
+    out = torch.empty(q.shape, dtype=torch.float32)  # [B, Hq, Tq, D]
+    for b, n in enumerate(reference.valid_slots(anchors, dims.window).tolist()):
+        k = torch.cat([k_win[b, :, :n], k_new[b]], 1).float()  # [Hkv, n + Tq, D]
+        v = torch.cat([v_win[b, :, :n], v_new[b]], 1).float()
+        out[b] = attend(q[b].float().contiguous(), k, v, n, own, scale)
+    return out.to(q.dtype)
 
 
 @_attention.register_fake

@@ -92,6 +92,26 @@ def test_attention_kernel_matches_reference(kernels, case):
     torch.testing.assert_close(out.cpu(), expected, atol=tol, rtol=tol, msg=lambda m: f"seed {seed}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=_attention_id)
+def test_cpu_op_matches_reference(case, backend, monkeypatch):
+    """The op's CPU kernel (the runtime's multi-token attention, torch or fused C++) == the reference."""
+    if backend == "cpp":
+        from sparrow import attention_cpp
+
+        if not attention_cpp.available():
+            pytest.skip("the C++ attention op does not build here (no compiler)")
+    monkeypatch.setenv("SPARROW_ATTENTION", backend)
+    *dims, anchors, dtype, mask_kind = case
+    seed = _seed()
+    args = _attention_inputs(torch.Generator().manual_seed(seed), *dims, anchors, dtype, mask_kind)
+    scale = 0.7 / dims[-1] ** 0.5
+    out = torch.ops.sparrow.text_anchored_window_attention(*args, scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, reference.window_attention(*args, scale), atol=tol, rtol=tol,
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
 # (B, W, H, T, accepted, anchors): H over one 128-wide tile, T over one 16-row tile, accepted 0
 # and T, more text rows than W (only the last W survive), rings already wrapped.
 HANDOFF_CASES = [
@@ -218,7 +238,8 @@ def test_torch_ops_pass_opcheck_and_default_to_causal():
     args = _attention_inputs(torch.Generator().manual_seed(4), 2, 4, 2, 3, 8, 16, [3, 9], torch.float32, "causal")
     torch.library.opcheck(torch.ops.sparrow.text_anchored_window_attention.default, (*args, 0.25))
     without_mask = plugins.window_attention(*args[:6])
-    torch.testing.assert_close(without_mask, reference.window_attention(*args, 16**-0.5), atol=0, rtol=0)
+    with_causal = torch.ops.sparrow.text_anchored_window_attention(*args, 16**-0.5)  # args[6] is the causal mask
+    torch.testing.assert_close(without_mask, with_causal, atol=0, rtol=0)
     text = torch.ones(2, 3, dtype=torch.bool)
     handoff_args = (torch.zeros(2, 4, 8), torch.randn(2, 3, 8), torch.tensor([3, 1]), text, torch.tensor([0, 5]))
     torch.library.opcheck(torch.ops.sparrow.handoff.default, handoff_args)
