@@ -253,7 +253,7 @@ class SparrowClient:
             client, got = self._client(), queue.SimpleQueue()
             client.start_stream(lambda result, error: got.put((result, error)), stream_timeout=self.timeout_s,
                                 headers=self.conn.headers)
-            done, acc = False, _Assembler()
+            done, ended, acc = False, False, _Assembler()  # ended: the server is through with the request
             try:
                 try:
                     client.async_stream_infer(self.model, inputs, request_id=request_id,
@@ -266,8 +266,10 @@ class SparrowClient:
                     except queue.Empty:
                         raise SparrowTimeout(f"no response within {self.timeout_s} s", "DEADLINE_EXCEEDED") from None
                     if error is not None:
+                        ended = True
                         raise _error(error) from error
                     piece, done = acc.add(result)
+                    ended = done
                     if piece:
                         yield piece
             except SparrowUnavailable as err:
@@ -276,8 +278,10 @@ class SparrowClient:
                 if wait is None:
                     raise _gave_up(err, self.conn, self.retry) from err
             finally:
-                # cancel_requests: a stream left early (the caller stopped reading) cancels the request
-                client.stop_stream(cancel_requests=not done)
+                # a stream left early (the caller stopped reading, or a timeout) cancels the request; one the
+                # server has ended is closed without cancelling: cancelling a stream after Triton refused its
+                # request (e.g. a wrong dtype) keeps the ensemble from unloading at shutdown (2.51)
+                client.stop_stream(cancel_requests=not ended)
                 if done:
                     self._idle.put(client)
                 else:
@@ -362,12 +366,14 @@ class AsyncSparrowClient:
         for wait in [*self.retry.backoffs(), None]:
             responses = self._client.stream_infer(one_request(), stream_timeout=self.timeout_s,
                                                   headers=self.conn.headers)
-            done, acc = False, _Assembler()
+            done, ended, acc = False, False, _Assembler()  # ended: the server is through with the request
             try:
                 async for result, error in responses:
                     if error is not None:
+                        ended = True
                         raise _error(error) from error
                     piece, done = acc.add(result)
+                    ended = done
                     if piece:
                         yield piece
                     if done:
@@ -381,8 +387,8 @@ class AsyncSparrowClient:
                 if wait is None:
                     raise _gave_up(err, self.conn, self.retry) from e
             finally:
-                if not done:
-                    responses.cancel()  # left early or failed: cancel the request on the server
+                if not ended:
+                    responses.cancel()  # left early: cancel the request on the server (see SparrowClient.stream)
             if done:
                 yield acc.answer()
                 return

@@ -220,13 +220,15 @@ class Responder:
                         "failed: server-side error)")
         self.count = {o: self.family.Metric(labels={"model": model, "outcome": o}) for o in self.OUTCOMES}
 
-    def _error(self, e: Exception) -> tuple[object | None, str]:
-        """(error response, outcome) for an exception out of a handler; no response for a cancellation."""
+    def _error(self, e: Exception) -> tuple[object, str]:
+        """(error response, outcome) for an exception out of a handler. A cancelled request still gets a
+        response: an ensemble waits for every step's response (or final flag) before it completes."""
         pb = self.pb
         if isinstance(e, RequestError):
             return pb.InferenceResponse(error=pb.TritonError(str(e), pb.TritonError.INVALID_ARG)), "refused"
         if isinstance(e, Cancelled):
-            return None, "cancelled"
+            return pb.InferenceResponse(error=pb.TritonError("cancelled by the client", pb.TritonError.CANCELLED)), \
+                "cancelled"
         return pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")), "failed"
 
     def __call__(self, handle, request):
@@ -239,18 +241,15 @@ class Responder:
         return response
 
     def stream(self, handle, request) -> None:
-        """A decoupled model: `handle(request, sender)` sends its responses; this sends the final flag."""
+        """A decoupled model: `handle(request, sender)` sends its responses but the last, which it returns;
+        that one (or the error) goes out here with the final flag, in the same send."""
         sender = request.get_response_sender()
-        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            handle(request, sender)
-            outcome = "ok"
+            response, outcome = handle(request, sender), "ok"
         except Exception as e:  # noqa: BLE001 - one request's failure must not take the model down
             response, outcome = self._error(e)
-            if response is not None:
-                sender.send(response)
         self.count[outcome].increment(1)
-        sender.send(flags=final)
+        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def close(self) -> None:
         """Metrics before their family, as Triton requires."""

@@ -22,9 +22,11 @@ class TritonPythonModel:
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
 
     def _one(self, request):
-        if request.is_cancelled():  # the ensemble's client is gone: tell sparrow_llm to stop decoding
+        # the ensemble's client is gone: tell sparrow_llm to stop decoding. This request is still answered
+        # as usual (the ensemble drops the response): an error here leaves the ensemble request in flight
+        # for ever in Triton 2.51 (seen: shutdown then waits its whole exit timeout)
+        if request.is_cancelled():
             self.cancel_flags.mark(request.request_id())
-            raise self.s.Cancelled()
         get = lambda name: self.s.input_array(pb_utils, request, name)  # noqa: E731
         new, stats = get("new_ids").reshape(-1), get("stats_in")
         final = bool(self.s.one_string(stats, "stats"))  # only the last response carries statistics

@@ -90,7 +90,7 @@ class TritonPythonModel:
             self.cancel_flags.clear(request_id)
         res.stats["first_token_s"] = round(first_token_s, 4)
         self.metrics.observe(res.stats)
-        sender.send(self._response([], sent, json.dumps(res.stats)))
+        return self._response([], sent, json.dumps(res.stats))  # the last response: no tokens, the statistics
 
     @staticmethod
     def _response(new: list[int], prior: list[int], stats: str):
