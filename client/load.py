@@ -280,6 +280,8 @@ def run_level(pa: PerfAnalyzer, url: str, model: ModelInfo, data_json: Path, mod
                      "-r", str(measure.max_trials)]
         failed_before = failure_count(metrics_url, model.name)
         res = pa.run(args)
+        # as recorded in commands.txt: the temporary profile path would mislead a reader rerunning it
+        args[args.index(str(profile))] = f"profile_{stem}.json"
         failed_after = failure_count(metrics_url, model.name)
         (out / f"perf_analyzer_{stem}.log").write_text(res.stdout + res.stderr)
         level = Level(mode, concurrency)
@@ -287,7 +289,7 @@ def run_level(pa: PerfAnalyzer, url: str, model: ModelInfo, data_json: Path, mod
             level.server_failures = failed_after - failed_before
         if res.returncode != 0 or not raw_csv.exists():
             lines = [ln.strip() for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
-            level.error = " | ".join(lines[-3:]) or f"perf_analyzer exited {res.returncode}"
+            level.error = " / ".join(lines[-3:]) or f"perf_analyzer exited {res.returncode}"  # no `|`: a table cell
             return level, args
         row = parse_csv(raw_csv)
         reqs = parse_profile(profile, out / f"requests_{stem}.csv")
@@ -478,7 +480,8 @@ def plot(report: SweepReport, path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"{report.config['model']}: throughput vs p90 latency")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # nothing to label when every level failed
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,35 +14,16 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tritonclient.grpc", reason="the client extra (tritonclient[grpc]) is not installed")
-if __import__("importlib").util.find_spec("pytriton") is None:
-    pytest.skip("the serve extra (nvidia-pytriton, which carries tritonserver) is not installed",
-                allow_module_level=True)
+# the serving tests' server fixture (a real tritonserver on free ports, module-scoped) and demo videos; that
+# module skips, and so this one, without the client and serve extras
+from test_serving import demo_video, server  # noqa: F401
 
-from sparrow.client.load import (LoadError, Measure, SoakConfig, SweepConfig, find_perf_analyzer,  # noqa: E402
-                                 input_data, model_info, run_soak, run_sweep)
-from sparrow.demo.text import CAPTION_PROMPT  # noqa: E402
-from sparrow.demo.world import make_scene, render  # noqa: E402
-from sparrow.serving import ServeConfig, free_port, start_server  # noqa: E402
-from sparrow.video import encode  # noqa: E402
+from sparrow.client.load import (LoadError, Measure, SoakConfig, SweepConfig, find_perf_analyzer, input_data,
+                                 model_info, run_soak, run_sweep)
+from sparrow.demo.text import CAPTION_PROMPT
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cfg = ServeConfig(max_len=4096, max_tokens_limit=64)
-    try:
-        srv = start_server(tmp_path_factory.mktemp("serve"), cfg, http_port=free_port(), grpc_port=free_port(),
-                           metrics_port=free_port(), threads=1)
-    except OSError as e:  # the binary itself cannot run on this machine
-        pytest.skip(f"tritonserver cannot start here: {e}")
-    try:
-        srv.wait_ready(timeout=240)
-        yield srv
-    finally:
-        assert srv.stop() is not None
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +32,7 @@ def videos(tmp_path_factory) -> list[Path]:
     paths = []
     for seed in (7, 11):
         p = out / f"demo_{seed}.mp4"
-        p.write_bytes(encode(render(make_scene(seed), 32, 64, 64)))
+        p.write_bytes(demo_video(seed))
         paths.append(p)
     return paths
 
@@ -108,6 +89,15 @@ def test_perf_analyzer_sweep_writes_a_report(server, videos, perf_analyzer, tmp_
     assert json.loads((out / "report.json").read_text())["ok"] is True
     assert (out / "throughput_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "commands.txt").read_text().splitlines()) == 4
+
+
+def test_a_refused_request_stops_the_sweep_with_the_servers_error(server, videos, perf_analyzer, tmp_path):
+    cfg = SweepConfig(server.grpc_url, videos, "   ", concurrency=[1, 2], measure=Measure(request_count=4),
+                      out=tmp_path, metrics_url=f"http://127.0.0.1:{server.metrics_port}/metrics")
+    report = run_sweep(cfg, progress=print)
+    assert not report.ok and len(report.levels) == 1  # stopped at the first level
+    assert "prompt is empty" in report.levels[0].error and report.levels[0].server_failures >= 1
+    assert "| speculative | 1 | FAILED: " in (tmp_path / "report.md").read_text()
 
 
 def test_perf_analyzer_missing_is_a_clear_error(tmp_path):
