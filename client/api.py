@@ -142,8 +142,19 @@ class _Assembler:
     token_ids: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     first_piece_s: float | None = None
+    done: bool = False  # the final response arrived
+    ended: bool = False  # the server is through with the request (done, or it answered with an error)
 
-    def add(self, result) -> tuple[str | None, bool]:
+    def take(self, result, error) -> str | None:
+        """One stream event: its text piece (None or "" when it has none); the server's error is raised."""
+        if error is not None:
+            self.ended = True
+            raise _error(error) from error
+        piece, self.done = self._add(result)
+        self.ended = self.done
+        return piece
+
+    def _add(self, result) -> tuple[str | None, bool]:
         """(the response's text piece or None for the empty final response, whether it is the last)."""
         response = result.get_response()
         final = response.parameters["triton_final_response"].bool_param
@@ -253,23 +264,19 @@ class SparrowClient:
             client, got = self._client(), queue.SimpleQueue()
             client.start_stream(lambda result, error: got.put((result, error)), stream_timeout=self.timeout_s,
                                 headers=self.conn.headers)
-            done, ended, acc = False, False, _Assembler()  # ended: the server is through with the request
+            acc = _Assembler()
             try:
                 try:
                     client.async_stream_infer(self.model, inputs, request_id=request_id,
                                               enable_empty_final_response=True)
                 except InferenceServerException:
                     pass  # the stream failed already (server down): tritonclient passes its error to the callback
-                while not done:
+                while not acc.done:
                     try:  # the stream's own deadline ends it first; this only guards a silent stream
                         result, error = got.get(timeout=None if self.timeout_s is None else self.timeout_s + 10)
                     except queue.Empty:
                         raise SparrowTimeout(f"no response within {self.timeout_s} s", "DEADLINE_EXCEEDED") from None
-                    if error is not None:
-                        ended = True
-                        raise _error(error) from error
-                    piece, done = acc.add(result)
-                    ended = done
+                    piece = acc.take(result, error)
                     if piece:
                         yield piece
             except SparrowUnavailable as err:
@@ -281,12 +288,12 @@ class SparrowClient:
                 # a stream left early (the caller stopped reading, or a timeout) cancels the request; one the
                 # server has ended is closed without cancelling: cancelling a stream after Triton refused its
                 # request (e.g. a wrong dtype) keeps the ensemble from unloading at shutdown (2.51)
-                client.stop_stream(cancel_requests=not ended)
-                if done:
+                client.stop_stream(cancel_requests=not acc.ended)
+                if acc.done:
                     self._idle.put(client)
                 else:
                     client.close()
-            if done:
+            if acc.done:
                 yield acc.answer()
                 return
             time.sleep(wait)
@@ -312,6 +319,20 @@ class SparrowClient:
 
 
 # ---- the asyncio client -------------------------------------------------------------------------
+
+async def _drain(responses, timeout_s: float = 10.0) -> None:
+    """Read a stream the server is through with to its end, so the RPC finishes cleanly. Left open, it is
+    cancelled when the channel closes, and a stream cancelled after its request completed keeps Triton
+    2.51 from ever unloading the ensemble (seen: shutdown then waits its whole exit timeout)."""
+    async def rest():
+        async for _ in responses:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout_s)
+    except (asyncio.TimeoutError, grpc.RpcError, InferenceServerException):
+        responses.cancel()
+
 
 class AsyncSparrowClient:
     """asyncio client with the surface of `SparrowClient` (coroutines and an async generator). One
@@ -366,19 +387,15 @@ class AsyncSparrowClient:
         for wait in [*self.retry.backoffs(), None]:
             responses = self._client.stream_infer(one_request(), stream_timeout=self.timeout_s,
                                                   headers=self.conn.headers)
-            done, ended, acc = False, False, _Assembler()  # ended: the server is through with the request
+            acc = _Assembler()
             try:
                 async for result, error in responses:
-                    if error is not None:
-                        ended = True
-                        raise _error(error) from error
-                    piece, done = acc.add(result)
-                    ended = done
+                    piece = acc.take(result, error)
                     if piece:
                         yield piece
-                    if done:
+                    if acc.done:
                         break
-                if not done:
+                if not acc.done:
                     raise SparrowServerError("the stream ended before the final response")
             except (InferenceServerException, grpc.RpcError) as e:  # the RPC itself failed (e.g. server down)
                 err = _error(e)
@@ -387,9 +404,11 @@ class AsyncSparrowClient:
                 if wait is None:
                     raise _gave_up(err, self.conn, self.retry) from e
             finally:
-                if not ended:
+                if not acc.ended:
                     responses.cancel()  # left early: cancel the request on the server (see SparrowClient.stream)
-            if done:
+                else:
+                    await _drain(responses)
+            if acc.done:
                 yield acc.answer()
                 return
             await asyncio.sleep(wait)
