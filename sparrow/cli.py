@@ -232,6 +232,15 @@ def cmd_bench_acceptance(a):
     _bench(acceptance, cfg, a.json)
 
 
+def cmd_bench_serving(a):
+    from .benchmarks import serving
+
+    cfg = serving.ServingBenchConfig(visual_tokens=a.visual_tokens, videos=a.videos, rounds=a.rounds,
+                                     max_new_tokens=a.max_new_tokens, strategies=a.strategies,
+                                     draft_len=a.draft_len, threads=a.threads)
+    _bench(serving, cfg, a.json)
+
+
 def _named_paths(text: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in (x for x in text.split(",") if x):
@@ -385,6 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_acceptance)
+
+    p = bench.add_parser("serving", help="tokens/s through the Triton ensemble (streaming) vs in-process "
+                                         "decoding on the same videos, interleaved")
+    p.add_argument("--visual-tokens", type=int, default=1024)
+    p.add_argument("--videos", type=int, default=3, help="held-out demo videos")
+    p.add_argument("--rounds", type=int, default=5, help="passes over the videos (each timed both ways)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--strategies", type=_str_list, default=("sparrow", "ar"), help="comma-separated: sparrow, ar")
+    p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server alike")
+    p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
+    p.set_defaults(fn=cmd_bench_serving)
     return ap
 
 
