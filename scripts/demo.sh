@@ -18,13 +18,12 @@ set -e
   > runs/serve.log 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
-ready='import sys, tritonclient.grpc as g; sys.exit(0 if g.InferenceServerClient("localhost:8001").is_server_ready() else 1)'
 for _ in $(seq 1 180); do
-  if .venv/bin/python -c "$ready" 2>/dev/null; then break; fi
+  if .venv/bin/sparrow-client health --retries 0 >/dev/null 2>&1; then break; fi
   if ! kill -0 "$server" 2>/dev/null; then echo "sparrow serve exited; see runs/serve.log" >&2; exit 1; fi
   sleep 1
 done
-# 4. Ask over gRPC: the sample's question, then a caption.
+# 4. Ask over gRPC, the answer streamed as it is decoded: the sample's question, then a caption.
 question=$(.venv/bin/python -c 'import json; print(json.load(open("runs/sample.json"))["question"])')
-.venv/bin/sparrow-client infer --video runs/sample.mp4 --prompt "$question"
-.venv/bin/sparrow-client infer --video runs/sample.mp4 --prompt "describe the video ."
+.venv/bin/sparrow-client infer --video runs/sample.mp4 --prompt "$question" --stream
+.venv/bin/sparrow-client infer --video runs/sample.mp4 --prompt "describe the video ." --stream
