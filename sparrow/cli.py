@@ -159,13 +159,17 @@ def cmd_generate(a):
 def cmd_serve(a):
     import signal
 
-    from .serving import ServeConfig, start_server
+    from .serving import GrpcTls, ServeConfig, start_server
 
     cfg = ServeConfig(max_video_bytes=int(a.max_video_mb * (1 << 20)), max_frames=a.max_frames,
                       draft_len=a.draft_len, max_len=a.max_len, max_tokens_limit=a.max_tokens_limit)
+    if bool(a.grpc_tls_cert) != bool(a.grpc_tls_key) or (a.grpc_tls_client_ca and not a.grpc_tls_cert):
+        sys.exit("error: --grpc-tls-cert and --grpc-tls-key go together (and --grpc-tls-client-ca needs them)")
+    tls = GrpcTls(Path(a.grpc_tls_cert), Path(a.grpc_tls_key),
+                  Path(a.grpc_tls_client_ca) if a.grpc_tls_client_ca else None) if a.grpc_tls_cert else None
     try:
         server = start_server(Path(a.work_dir), cfg, http_port=a.http_port, grpc_port=a.grpc_port,
-                              metrics_port=a.metrics_port)
+                              metrics_port=a.metrics_port, grpc_tls=tls)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -332,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
     p.add_argument("--draft-len", type=int, default=5, help="tokens the Sparrow draft proposes per step")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every model to load")
+    p.add_argument("--grpc-tls-cert", default=None, help="PEM certificate: serve gRPC over TLS (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", default=None, help="PEM private key of --grpc-tls-cert")
+    p.add_argument("--grpc-tls-client-ca", default=None,
+                   help="PEM CA certificate: mutual TLS, clients must present a certificate it signed")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("generate", help="answer a question about a video")

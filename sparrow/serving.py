@@ -409,8 +409,24 @@ class Server:
         return self.process.returncode
 
 
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS on the gRPC endpoint (PEM files): the server's certificate and key; with `client_ca`, mutual TLS
+    (clients must present a certificate that CA signed)."""
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        out = ["--grpc-use-ssl", "true", "--grpc-server-cert", str(self.cert), "--grpc-server-key", str(self.key)]
+        if self.client_ca:
+            out += ["--grpc-use-ssl-mutual", "true", "--grpc-root-cert", str(self.client_ca)]
+        return out
+
+
 def start_server(work_dir: Path, cfg: ServeConfig = ServeConfig(), http_port: int = 8000, grpc_port: int = 8001,
-                 metrics_port: int = 8002, log_file: Path | None = None, threads: int | None = None) -> Server:
+                 metrics_port: int = 8002, log_file: Path | None = None, threads: int | None = None,
+                 grpc_tls: GrpcTls | None = None) -> Server:
     """Lay out the repository and backends under `work_dir`, then start tritonserver (not yet waited on)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -432,6 +448,7 @@ def start_server(work_dir: Path, cfg: ServeConfig = ServeConfig(), http_port: in
     cmd = [str(server / "bin" / "tritonserver"), "--model-repository", str(models),
            "--backend-directory", str(backends), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
            "--metrics-port", str(metrics_port), "--allow-metrics", "true", "--strict-readiness", "true"]
+    cmd += grpc_tls.args() if grpc_tls else []
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     return Server(proc, http_port, grpc_port, metrics_port, log)

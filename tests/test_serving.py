@@ -170,6 +170,15 @@ def test_cancelled_stream_frees_the_instance(server, client):
     assert time.perf_counter() - t0 < 5.0
 
 
+def test_timeout_is_typed_and_the_server_goes_on(server, client):
+    from sparrow.client import SparrowTimeout
+
+    with SparrowClient(server.grpc_url, timeout_s=0.05) as hasty:
+        with pytest.raises(SparrowTimeout):
+            hasty.infer(demo_video(12, frames=MAX_FRAMES), CAPTION_PROMPT, max_tokens=64)
+    assert client.infer(demo_video(3), CAPTION_PROMPT, max_tokens=4).text
+
+
 @pytest.mark.parametrize("case,match", [
     ("empty_prompt", "prompt is empty"),
     ("too_many_frames", f"more than {MAX_FRAMES} frames"),
@@ -332,6 +341,52 @@ def test_cli_stream_and_health(server, tmp_path):
     assert out.stdout.strip() and "tok/s" in out.stderr and "mean accepted length" in out.stderr
     out = subprocess.run(cli + ["health", "--url", server.grpc_url], check=True, capture_output=True, text=True)
     assert "live True, ready True" in out.stdout and "sparrow_llm" in out.stdout
+
+
+def _tls_files(d: Path) -> dict[str, Path]:
+    """A throwaway CA, and a server (localhost) and a client certificate it signed (openssl)."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=sparrow-test-ca")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else 'sparrow-test-client'}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_mutual_tls(tmp_path):
+    """A server with mutual TLS on gRPC: the client's TLS files go through to tritonclient and it streams an
+    answer; without its certificate, or without TLS, it is refused."""
+    import shutil
+
+    from sparrow.client import Connection
+    from sparrow.serving import GrpcTls
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (it makes the test's certificates)")
+    f = _tls_files(tmp_path)
+    srv = start_server(tmp_path / "serve", ServeConfig(max_len=4096), http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), threads=1,
+                       grpc_tls=GrpcTls(f["server.pem"], f["server.key"], client_ca=f["ca.pem"]))
+    once = RetryPolicy(attempts=1)
+    try:
+        srv.wait_ready(timeout=240)
+        tls = Connection(srv.grpc_url, ssl=True, root_certificates=str(f["ca.pem"]), private_key=str(f["client.key"]),
+                         certificate_chain=str(f["client.pem"]), headers={"x-request-source": "test"})
+        with SparrowClient(connection=tls, timeout_s=120, retry=once) as c:
+            assert c.infer(demo_video(7), CAPTION_PROMPT, max_tokens=6).text
+        no_cert = Connection(srv.grpc_url, ssl=True, root_certificates=str(f["ca.pem"]))
+        for conn in (no_cert, Connection(srv.grpc_url)):
+            with SparrowClient(connection=conn, timeout_s=30, retry=once) as c:
+                with pytest.raises(SparrowUnavailable):
+                    c.infer(demo_video(7), CAPTION_PROMPT, max_tokens=2)
+    finally:
+        srv.stop()
 
 
 def test_client_imports_without_torch():
