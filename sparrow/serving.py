@@ -168,8 +168,8 @@ def text_piece(decode, prior: list[int], new: list[int], final: bool) -> str:
 class CancelFlags:
     """Carries a client's cancellation from postprocessing to the running sparrow_llm, by request id.
 
-    Triton cancels an ensemble's steps only when it schedules them (core ensemble_scheduler.cc, up to at
-    least 2.51): the in-flight decoupled sparrow_llm request never reports `is_cancelled()`, but every
+    Triton cancels an ensemble's steps only when it schedules them (core ensemble_scheduler.cc, in 2.51 and
+    still on core's main branch): the in-flight decoupled sparrow_llm request never reports `is_cancelled()`, but every
     postprocessing request scheduled after the cancellation does, and composing requests carry the
     ensemble request's id. So postprocessing marks the id here (an empty file in a directory both models
     share) and sparrow_llm looks for the mark between draft/verify steps. Needs a request id that is
