@@ -5,10 +5,14 @@ Steps (each skipped when the hash of its inputs matches the last build and its a
   vision    -> vision/encoder.onnx, checked in ONNX Runtime against torch on a real decoded video
   target    -> trtllm/target/{config.json, rank*.safetensors}, layout-checked, round-tripped to HF
   draft     -> draft/{draft.safetensors, draft_config.json, step.onnx}, ONNX checked against torch
+  reference -> reference/target/: a Hugging Face directory whose text decoder comes back from the TensorRT-LLM
+               checkpoint (the inverse converter), logits checked against the source model; with draft/ and
+               vision/encoder.onnx it is what `sparrow serve --engines` loads on a machine without TensorRT
   engines   -> build_engines.sh (trtllm-build + TensorRT builder); run here only where TensorRT-LLM and a
                GPU are present
-`manifest.json` records the recipe, input hashes, tool versions, artifacts + hashes and verification figures;
-`sparrow build --verify DIR` re-hashes every artifact against it.
+`manifest.json` records the recipe, input hashes, tool versions, artifacts + hashes, verification figures and
+`serve` (what the server loads, relative to the directory, and its limits); `sparrow build --verify DIR`
+re-hashes every artifact against it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ EXIT_PREPARED = 3  # artifacts ready; engines left for a GPU host (build_engines
 BUILD_VERSION = 1  # bump when a step's output for the same inputs changes
 MANIFEST = "manifest.json"
 SCRIPT = "build_engines.sh"
+REFERENCE_TARGET = "reference/target"  # the CPU reference target: HF directory from the TensorRT-LLM checkpoint
 
 
 # ---- hashing --------------------------------------------------------------------------------------
@@ -136,6 +141,7 @@ class Builder:
         m["recipe"] = self.r.to_json()
         m["tools"] = tool_versions()
         m["artifacts"] = {a: h for s in m["steps"].values() for a, h in s["artifacts"].items()}
+        m["serve"] = serve_block(self.r, m["artifacts"])
         (self.out / MANIFEST).write_text(json.dumps(m, indent=1, sort_keys=True))
         self.hasher.save()
 
@@ -157,13 +163,16 @@ class Builder:
             raise RuntimeError(f"vision ONNX differs from torch: max relative error {err:.2e} (bar 1e-3)")
         return [path], {"vision_onnx_max_rel_err": err, "vision_onnx_patches": int(px.shape[0])}
 
-    def _verify_patches(self):
+    def _verify_prompt(self, target):
         from ..demo.world import make_scene, render
         from ..video import decode, encode
 
         v = self.r.verify
         frames = decode(encode(render(make_scene(v.seed), v.frames, v.side, v.side)))  # real mp4 round trip
-        inputs = self.target().prepare(frames, "describe the video").model_inputs
+        return target.prepare(frames, "describe the video")
+
+    def _verify_patches(self):
+        inputs = self._verify_prompt(self.target()).model_inputs
         return inputs["pixel_values_videos"], inputs["video_grid_thw"]
 
     def step_target(self):
@@ -199,11 +208,43 @@ class Builder:
             raise RuntimeError(f"draft ONNX differs from torch: max relative error {err:.2e} (bar 1e-3)")
         return [Path(f) for f in files] + [out / "step.onnx"], {"draft_onnx_max_rel_err": err}
 
+    def step_reference(self):
+        import torch
+
+        from ..target import Target
+        from . import trtllm_checkpoint as ck
+
+        out = self.out / REFERENCE_TARGET
+        if out.exists():
+            shutil.rmtree(out)
+        cfg, ranks = ck.read_checkpoint(self.out / "trtllm" / "target")
+        files = ck.write_hf(self.r.target, ck.to_hf(cfg, ranks), out)
+        src, ref = self.target(), Target.load(out)
+        with torch.no_grad():  # the whole model (vision tower included) on the real decoded verify video
+            logits = [t.model(input_ids=p.input_ids, **p.model_inputs).logits  # [1, T, V]
+                      for t, p in ((src, self._verify_prompt(src)), (ref, self._verify_prompt(ref)))]
+        equal = torch.equal(*logits)
+        diff = float((logits[0] - logits[1]).abs().max())
+        # a checkpoint dtype narrower than the source's (e.g. float16 from bfloat16) cannot give equal logits;
+        # the same dtype must, or the converters lost something
+        if not equal and all(t.dtype == ck.DTYPES[cfg["dtype"]] for t in ck.load_text_weights(self.r.target).values()):
+            raise RuntimeError(f"reference target's logits differ from the source model's (max {diff:.2e})")
+        return files, {"reference_target_logits_equal": equal, "reference_target_logits_max_abs_diff": diff}
+
     def step_engines(self):
         path = self.out / SCRIPT
         path.write_text(build_script(self.r, self.manifest))
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         return [path], {}
+
+
+def serve_block(r: Recipe, artifacts: dict) -> dict:
+    """What `sparrow serve --engines` loads (paths relative to the build directory) and its limits."""
+    e = r.engine
+    return {"target": REFERENCE_TARGET, "draft": "draft" if r.draft else None,
+            "vision_onnx": "vision/encoder.onnx" if "vision/encoder.onnx" in artifacts else None,
+            "trtllm_engines": "engines", "window": r.window, "draft_len": e.max_draft_len,
+            "max_len": e.max_seq_len, "max_frames": r.serve.max_frames, "instances": r.serve.instances}
 
 
 def gpu_toolchain() -> str | None:
@@ -281,6 +322,7 @@ def build(recipe: Recipe, out: Path, log=print) -> int:
     ]
     if draft_in:
         steps.append(("draft", {"target": target_in, "draft": draft_in}, b.step_draft))
+    steps.append(("reference", {"target": target_in, "engine": recipe.to_json()["engine"]}, b.step_reference))
     steps.append(("engines", {"recipe": recipe.to_json(), "target": target_in, "draft": draft_in}, b.step_engines))
     b.manifest["inputs"] = {"target": digest(target_in), "draft": digest(draft_in) if draft_in else None}
     b.run(steps)
@@ -290,8 +332,9 @@ def build(recipe: Recipe, out: Path, log=print) -> int:
         log("engines: running build_engines.sh (TensorRT-LLM and a GPU are present)")
         subprocess.run(["bash", str(out / SCRIPT)], check=True)
         return EXIT_COMPLETE
-    log(f"prepared for GPU build: {why}. Ran here: validate, vision ONNX, TensorRT-LLM checkpoint, draft ONNX "
-        f"(all verified). Left for a GPU host: `bash {out / SCRIPT}` (trtllm-build + TensorRT engines).")
+    log(f"prepared for GPU build: {why}. Ran here: validate, vision ONNX, TensorRT-LLM checkpoint, draft ONNX, "
+        f"CPU reference target (all verified; `sparrow serve --engines {out}` serves them). "
+        f"Left for a GPU host: `bash {out / SCRIPT}` (trtllm-build + TensorRT engines).")
     return EXIT_PREPARED
 
 

@@ -7,6 +7,7 @@ draft: {path: ../sparrow/assets/demo_draft}         # optional; window: W (must 
 engine: {backend: tensorrt_llm, dtype: float16, tensor_parallel: 1,
          max_batch_size: 4, max_input_len: 4096, max_seq_len: 4608, max_draft_len: 5}
 verify: {frames: 8, side: 64, seed: 0}              # the real decoded demo video the ONNX checks run on
+serve: {instances: 1, max_frames: 256}              # what `sparrow serve --engines` fills into the Triton configs
 ```
 """
 
@@ -24,7 +25,7 @@ BACKEND_DTYPES = {
     "torch": ("float16", "bfloat16", "float32"),
     "onnxruntime": ("float32",),
 }
-_TOP_KEYS = {"name", "target", "draft", "engine", "verify"}
+_TOP_KEYS = {"name", "target", "draft", "engine", "verify", "serve"}
 
 
 class RecipeError(ValueError):
@@ -50,6 +51,13 @@ class VerifySpec:
 
 
 @dataclass
+class ServeSpec:
+    """How `sparrow serve --engines` runs this build (the rest comes from `engine` and the draft)."""
+    instances: int = 1  # sparrow_llm model instances, each with its own KV cache of max_seq_len positions
+    max_frames: int = 256  # requests with more frames are refused
+
+
+@dataclass
 class Recipe:
     name: str
     source: Path  # the recipe file
@@ -59,11 +67,12 @@ class Recipe:
     window: int | None = None  # the draft's window W (from its config)
     engine: EngineSpec = field(default_factory=EngineSpec)
     verify: VerifySpec = field(default_factory=VerifySpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
 
     def to_json(self) -> dict:
         return {"name": self.name, "target": str(self.target), "architecture": self.architecture,
                 "draft": str(self.draft) if self.draft else None, "window": self.window,
-                "engine": asdict(self.engine), "verify": asdict(self.verify)}
+                "engine": asdict(self.engine), "verify": asdict(self.verify), "serve": asdict(self.serve)}
 
 
 def _section(raw: dict, key: str, cls, where: Path):
@@ -115,11 +124,15 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{where}: `target` is required")
     engine = _section(raw, "engine", EngineSpec, where)
     verify = _section(raw, "verify", VerifySpec, where)
+    serve = _section(raw, "serve", ServeSpec, where)
+    for k in ("instances", "max_frames"):
+        if not isinstance(getattr(serve, k), int) or getattr(serve, k) < 1:
+            raise RecipeError(f"{where}: serve.{k} must be a positive integer, got {getattr(serve, k)!r}")
     target = _model_dir(raw, "target", where, "config.json")
     arch = _architecture(raw["target"], target, where)
     draft = _model_dir(raw, "draft", where, "draft_config.json")
     recipe = Recipe(name=str(raw.get("name") or where.stem), source=where, target=target, architecture=arch,
-                    draft=draft, engine=engine, verify=verify)
+                    draft=draft, engine=engine, verify=verify, serve=serve)
     _check_engine(recipe, where)
     if draft is not None:
         recipe.window = _check_window(raw["draft"], draft, recipe, where)

@@ -101,12 +101,10 @@ def trtllm_config(text: dict, tp: int, dtype: str) -> dict:
     }
 
 
-def load_text_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The text decoder's weights under canonical names: embed_tokens.weight, layers.{l}.*, norm.weight,
-    lm_head.weight (the embedding when tied). Reads the safetensors files, never builds the model."""
+def _text_keys(model_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """(every tensor name -> its safetensors file, canonical text-decoder name -> that tensor name)."""
     from safetensors import safe_open
 
-    model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{model_dir} holds no *.safetensors weights")
@@ -122,6 +120,15 @@ def load_text_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     head = next((k for k in _LM_HEADS if k in names), None)
     if head:
         wanted["lm_head.weight"] = head
+    return names, wanted
+
+
+def load_text_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The text decoder's weights under canonical names: embed_tokens.weight, layers.{l}.*, norm.weight,
+    lm_head.weight (the embedding when tied). Reads the safetensors files, never builds the model."""
+    from safetensors import safe_open
+
+    names, wanted = _text_keys(Path(model_dir))
     out = {}
     for canon, key in wanted.items():
         with safe_open(str(names[key]), "pt") as h:
@@ -274,6 +281,35 @@ def convert(model_dir: str | Path, out: str | Path, tp: int = 1, dtype: str = "f
     check_layout(cfg, ranks)
     write_checkpoint(out, cfg, ranks)
     return cfg, ranks
+
+
+def write_hf(model_dir: str | Path, weights: dict[str, torch.Tensor], out: str | Path) -> list[Path]:
+    """A loadable Hugging Face directory at `out`: `model_dir`'s files (config, tokenizer, preprocessor,
+    the vision tower's and any other non-text weights) with its text decoder replaced by `weights`
+    (canonical names, e.g. `to_hf` of a checkpoint). Weight files keep the source's names and sharding,
+    so a sharded model's index still holds. Returns the files written."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model_dir, out = Path(model_dir), Path(out)
+    names, wanted = _text_keys(model_dir)
+    replace = {wanted[k]: v for k, v in weights.items() if k in wanted}  # a tied lm_head has no tensor of its own
+    if len(replace) != len(wanted):
+        raise CheckpointError(f"weights lack {sorted(set(wanted) - set(weights))[:5]} of {model_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.suffix != ".safetensors":
+            written.append(Path(shutil.copy2(f, out / f.name)))
+    for f in sorted(set(names.values())):
+        with safe_open(str(f), "pt") as h:
+            tensors = {k: replace[k] if k in replace else h.get_tensor(k) for k in h.keys()}
+            meta = h.metadata()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f.name), metadata=meta)
+        written.append(out / f.name)
+    return written
 
 
 def load_into(model, weights: dict[str, torch.Tensor]) -> None:

@@ -46,6 +46,7 @@ def _recipe(tmp_path, **over):
     ({"engine__backend": "onnxruntime"}, "not supported by the onnxruntime backend"),
     ({"engine__dtype": "int3"}, "not supported by the tensorrt_llm backend"),
     ({"engine__tensor_parallel": 3}, "does not divide"),
+    ({"serve__instances": 0}, "serve.instances must be a positive integer"),
 ])
 def test_recipe_errors_name_the_problem(tmp_path, over, message):
     with pytest.raises(RecipeError, match=message):
@@ -119,35 +120,34 @@ def test_vision_onnx_matches_torch_on_decoded_frames(tmp_path):
     assert onnx_vision.check(visual, tmp_path / "v.onnx", other["pixel_values_videos"], other["video_grid_thw"]) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def demo_build(tmp_path_factory):
-    pytest.importorskip("onnxruntime_extensions")
-    out = tmp_path_factory.mktemp("build")
-    code = build_mod.main(str(DEMO_RECIPE), str(out), None)
-    return out, code
-
-
 def test_demo_build_prepares_for_gpu_and_records_everything(demo_build):
     out, code = demo_build
     assert code == build_mod.EXIT_PREPARED  # no TensorRT-LLM here
     m = json.loads((out / "manifest.json").read_text())
     assert {"vision/encoder.onnx", "draft/step.onnx", "trtllm/target/config.json",
-            "trtllm/target/rank0.safetensors", "build_engines.sh"} <= set(m["artifacts"])
+            "trtllm/target/rank0.safetensors", "build_engines.sh", "reference/target/config.json",
+            "reference/target/model.safetensors", "reference/target/tokenizer.json"} <= set(m["artifacts"])
     v = m["verification"]
     assert v["vision_onnx_max_rel_err"] < 1e-3 and v["draft_onnx_max_rel_err"] < 1e-3
     assert v["target_checkpoint_roundtrip_exact"] is True
+    # the CPU reference target is the TensorRT-LLM checkpoint converted back: same logits as the source
+    assert v["reference_target_logits_equal"] is True and v["reference_target_logits_max_abs_diff"] == 0.0
+    assert m["serve"] == {"target": "reference/target", "draft": "draft", "vision_onnx": "vision/encoder.onnx",
+                          "trtllm_engines": "engines", "window": 64, "draft_len": 5, "max_len": 4608,
+                          "max_frames": 256, "instances": 1}
     assert m["tools"]["torch"] and m["recipe"]["name"] == "demo" and m["inputs"]["target"]
     script = (out / "build_engines.sh").read_text()
     assert "trtllm-build --checkpoint_dir" in script and "--max_draft_len 5" in script
 
 
-def test_second_build_is_a_no_op_and_verify_catches_a_modified_file(demo_build, capsys):
-    out, _ = demo_build
+def test_second_build_is_a_no_op_and_verify_catches_a_modified_file(demo_build, tmp_path, capsys):
+    out = tmp_path / "build"  # a copy: the session's build is served by the serving tests
+    shutil.copytree(demo_build[0], out)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and ".cache" not in p.parts}
     capsys.readouterr()
     assert build_mod.main(str(DEMO_RECIPE), str(out), None) == build_mod.EXIT_PREPARED
     log = capsys.readouterr().out
-    assert log.count("skipped (inputs unchanged)") == 5, log
+    assert log.count("skipped (inputs unchanged)") == 6, log
     changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t and p.name != "manifest.json"]
     assert changed == []
     assert build_mod.main(None, None, str(out)) == build_mod.EXIT_COMPLETE
