@@ -25,7 +25,7 @@ import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException
 
 MODEL = "sparrow"
-MODELS = ("preprocessing", "sparrow_llm", "postprocessing", "sparrow")
+MODELS = ("preprocessing", "vision_encoder", "sparrow_llm", "postprocessing", "sparrow")
 
 
 # ---- errors -------------------------------------------------------------------------------------

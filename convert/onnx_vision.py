@@ -6,7 +6,7 @@ Python loops (data-dependent shapes), so the exported graph takes them as inputs
     pixel_values [N, C*T*P*P] float32, position_ids [N, 2] int64 (h, w), frame_ids [N] int64
     -> embeddings [N / merge^2, H_text]
 
-`graph_inputs(grid_thw)` computes the two index inputs on the host (cheap integer work); inside the
+`graph_inputs(merge, grid_thw)` computes the two index inputs on the host (cheap integer work); inside the
 graph each patch attends to the patches of its own temporal frame, as in transformers. The blocks
 reuse the model's own modules (patch embed, norms, qkv, MLP, merger), so the weights are the model's.
 Qwen2.5-VL (windowed vision attention) and LLaVA-OneVision (SigLIP) are not exported yet.
@@ -51,11 +51,12 @@ class VisionGraph(nn.Module):
         return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
 
-def graph_inputs(visual: nn.Module, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids [N, 2] and frame_ids [N] for one video's grid `[1, 3]` (t, h, w in patches)."""
+def graph_inputs(merge: int, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [N, 2] and frame_ids [N] for one video's grid `[1, 3]` (t, h, w in patches) and the
+    tower's spatial merge size."""
     from transformers.vision_utils import get_vision_position_ids
 
-    pos = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+    pos = get_vision_position_ids(grid_thw, merge)
     t, hh, ww = (int(x) for x in grid_thw[0])
     frames = torch.arange(t).repeat_interleave(hh * ww)
     return pos.long(), frames
@@ -66,7 +67,7 @@ def export(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor
     import onnx
 
     graph = VisionGraph(visual.float()).eval()
-    args = (pixel_values.float(), *graph_inputs(visual, grid_thw))
+    args = (pixel_values.float(), *graph_inputs(visual.spatial_merge_size, grid_thw))
     merge = visual.spatial_merge_size ** 2
     n = torch.export.Dim("n", min=1, max=1 << 20) * merge  # whole merge groups of patches
     dyn = ({0: n}, {0: n}, {0: n})
@@ -86,7 +87,7 @@ def check(visual: nn.Module, path: str | os.PathLike, pixel_values: torch.Tensor
 
     with torch.no_grad():
         want = visual.float()(pixel_values.float(), grid_thw=grid_thw).pooler_output
-    pos, frames = graph_inputs(visual, grid_thw)
+    pos, frames = graph_inputs(visual.spatial_merge_size, grid_thw)
     sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"pixel_values": pixel_values.float().numpy(), "position_ids": pos.numpy(),
                           "frame_ids": frames.numpy()})[0]

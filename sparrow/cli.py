@@ -159,10 +159,19 @@ def cmd_generate(a):
 def cmd_serve(a):
     import signal
 
-    from .serving import GrpcTls, ServeConfig, start_server
+    from .serving import EngineDirError, GrpcTls, ServeConfig, backend_missing, start_server
 
-    cfg = ServeConfig(max_video_bytes=int(a.max_video_mb * (1 << 20)), max_frames=a.max_frames,
-                      draft_len=a.draft_len, max_len=a.max_len, max_tokens_limit=a.max_tokens_limit)
+    # limits given on the command line win over the engine directory's (or the defaults)
+    given = {k: v for k, v in (("max_frames", a.max_frames), ("draft_len", a.draft_len), ("max_len", a.max_len))
+             if v is not None}
+    given.update(max_video_bytes=int(a.max_video_mb * (1 << 20)), max_tokens_limit=a.max_tokens_limit)
+    missing = backend_missing(a.backend, Path(a.engines) if a.engines else None)
+    if missing:
+        sys.exit(f"error: {missing}")
+    try:
+        cfg = ServeConfig.from_engines(a.engines, **given) if a.engines else ServeConfig(**given)
+    except EngineDirError as e:
+        sys.exit(f"error: {e}")
     if bool(a.grpc_tls_cert) != bool(a.grpc_tls_key) or (a.grpc_tls_client_ca and not a.grpc_tls_cert):
         sys.exit("error: --grpc-tls-cert and --grpc-tls-key go together (and --grpc-tls-client-ca needs them)")
     tls = GrpcTls(Path(a.grpc_tls_cert), Path(a.grpc_tls_key),
@@ -325,16 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval_target)
 
-    p = sub.add_parser("serve", help="serve the embedded demo pair with Triton Inference Server (gRPC + HTTP)")
+    p = sub.add_parser("serve", help="serve an engine directory (or the embedded demo pair) with Triton Inference "
+                                     "Server (gRPC + HTTP)")
+    p.add_argument("--engines", metavar="DIR", default=None,
+                   help="a `sparrow build` output directory: its manifest gives the target, draft, vision encoder, "
+                        "window, draft length, KV positions, max frames and instances (every artifact is re-hashed "
+                        "first); default: the embedded demo pair from the package")
+    p.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"],
+                   help="torch (CPU reference artifacts) or tensorrt_llm (GPU hosts with built engines)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--work-dir", default="runs/serve", help="where the runnable model repository and log go")
-    p.add_argument("--max-frames", type=int, default=256, help="refuse videos with more frames")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="refuse videos with more frames (default: the engine directory's, else 256)")
     p.add_argument("--max-video-mb", type=float, default=64.0, help="refuse larger video files")
-    p.add_argument("--max-len", type=int, default=16384, help="KV cache positions (prompt + video + answer)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache positions, prompt + video + answer (default: the build's max_seq_len, else 16384)")
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
-    p.add_argument("--draft-len", type=int, default=5, help="tokens the Sparrow draft proposes per step")
+    p.add_argument("--draft-len", type=int, default=None,
+                   help="tokens the Sparrow draft proposes per step (default: the build's max_draft_len, else 5)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every model to load")
     p.add_argument("--grpc-tls-cert", default=None, help="PEM certificate: serve gRPC over TLS (with --grpc-tls-key)")
     p.add_argument("--grpc-tls-key", default=None, help="PEM private key of --grpc-tls-cert")

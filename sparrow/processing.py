@@ -45,6 +45,19 @@ class VisionSpec:
                    mean=tuple(pre.get("image_mean", CLIP_MEAN)),
                    std=tuple(pre.get("image_std", CLIP_STD)))
 
+    @classmethod
+    def from_model_dir(cls, path) -> "VisionSpec":
+        """From a Hugging Face directory's config.json (+ preprocessor_config.json), without loading the model
+        (Triton's preprocessing patchifies in a process that holds no weights)."""
+        import json
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        path = Path(path)
+        vision = json.loads((path / "config.json").read_text())["vision_config"]
+        pre = path / "preprocessor_config.json"
+        return cls.from_config(SimpleNamespace(**vision), json.loads(pre.read_text()) if pre.is_file() else None)
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -80,6 +93,14 @@ def patchify(frames: np.ndarray, spec: VisionSpec) -> VideoPatches:
     pixel_values = x.reshape(gt * gh * gw, c * tp * p * p).contiguous()
     return VideoPatches(pixel_values, torch.tensor([gt, gh, gw], dtype=torch.long),
                         num_tokens=gt * gh * gw // (m * m))
+
+
+def video_patches(frames: np.ndarray, spec: VisionSpec) -> VideoPatches:
+    """uint8 frames `[N, H, W, 3]` of any size -> patches, resized to the nearest whole cells first."""
+    from .video import resize
+
+    h, w = fit_size(frames.shape[1], frames.shape[2], spec)
+    return patchify(resize(frames, (h, w)), spec)
 
 
 def prompt_ids(tokenizer, prompt: str, num_video_tokens: int, video_token_id: int | None = None) -> list[int]:

@@ -81,20 +81,13 @@ class Runtime:
         return state, StepOutput(logits, {k: torch.cat(v, dim=1) for k, v in hidden.items()})
 
     def _prompt_embeddings(self, prompt: Prompt):
-        model, arch = self.target.model, self.target.arch
-        ids = prompt.input_ids.to(model.device)
+        ids = prompt.input_ids.to(self.target.model.device)
         embeds = self.lm.embed_tokens(ids)  # [1, T, H]
-        inputs = prompt.model_inputs
-        if arch == "llava_onevision":
-            cfg = model.config
-            feats = model.model.get_video_features(
-                inputs["pixel_values_videos"], vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
-        else:
-            feats = torch.cat(model.model.get_video_features(
-                inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+        feats = prompt.visual_embeds
+        if feats is None:
+            feats = self.target.visual_features(prompt.model_inputs)  # [M, H]
         positions, delta = self.target.positions(prompt)
-        feats = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        feats = feats.to(embeds.dtype)
         if feats.shape[0] != int(prompt.visual_mask.sum()):
             raise TargetError(f"{feats.shape[0]} visual features for {int(prompt.visual_mask.sum())} placeholders")
         embeds[0, prompt.visual_mask.to(embeds.device)] = feats

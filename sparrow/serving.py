@@ -20,9 +20,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import numpy as np
 
-MODELS = ("preprocessing", "sparrow_llm", "postprocessing", "sparrow")
+from .demo.model import DEMO_DRAFTS, DEMO_TARGET_DIR
+
+MODELS = ("preprocessing", "vision_encoder", "sparrow_llm", "postprocessing", "sparrow")
 ENSEMBLE = "sparrow"
 
 
@@ -45,7 +49,8 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Values filled into the repository's config.pbtxt parameters (`${name}`)."""
+    """Values filled into the repository's config.pbtxt parameters (`${name}`). The defaults serve the embedded
+    demo pair straight from the package; `from_engines` serves a `sparrow build` output directory."""
     max_video_bytes: int = 64 << 20  # also the limit on raw `frames` bytes
     max_frames: int = 256
     max_prompt_chars: int = 2000
@@ -53,6 +58,69 @@ class ServeConfig:
     max_len: int = 16384
     max_tokens_limit: int = 256
     default_max_tokens: int = 64  # when a request sends no max_tokens
+    target_dir: str = str(DEMO_TARGET_DIR)  # a Hugging Face directory (model, tokenizer, processor config)
+    draft_dir: str = str(DEMO_DRAFTS["sparrow"])
+    vision_onnx: str = ""  # the vision encoder in ONNX Runtime; "": the target's tower in torch
+    window: int = 0  # the draft's window W the build was made for; 0: whatever the draft was trained with
+    instances: int = 1  # sparrow_llm instances (each its own KV cache)
+
+    @classmethod
+    def from_engines(cls, engine_dir: str | Path, **overrides) -> "ServeConfig":
+        """The configuration a build directory's manifest.json gives (`serve` block, paths made absolute), after
+        re-hashing every artifact it lists; `overrides` (e.g. limits from the command line) win. Raises
+        EngineDirError naming the problem: no or unreadable manifest, a build without a draft, an artifact
+        missing or modified since the build."""
+        from .convert.build import MANIFEST, verify
+
+        root = Path(engine_dir).resolve()
+        path = root / MANIFEST
+        if not path.is_file():
+            raise EngineDirError(f"{root} is not an engine directory: no {MANIFEST} (build one with "
+                                 f"`sparrow build --recipe engines/<name>.yaml --out {engine_dir}`)")
+        try:
+            serve = json.loads(path.read_text())["serve"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineDirError(f"{path} is not a manifest this version serves ({type(e).__name__}: {e}); "
+                                 f"rebuild with `sparrow build`") from None
+        if not serve.get("draft"):
+            raise EngineDirError(f"{root}: the build has no Sparrow draft (recipe without `draft`); sparrow_llm needs one")
+        problems = verify(root)
+        if problems:
+            raise EngineDirError(f"{root} does not match its manifest (rebuild, or restore the files): "
+                                 + "; ".join(problems[:10]))
+        values = dict(target_dir=str(root / serve["target"]), draft_dir=str(root / serve["draft"]),
+                      vision_onnx=str(root / serve["vision_onnx"]) if serve.get("vision_onnx") else "",
+                      window=serve["window"], draft_len=serve["draft_len"], max_len=serve["max_len"],
+                      max_frames=serve["max_frames"], instances=serve["instances"])
+        return cls(**{**values, **overrides})
+
+
+class EngineDirError(ValueError):
+    """`sparrow serve --engines DIR` cannot serve DIR; the message says why and what to do."""
+
+
+BACKENDS = ("torch", "tensorrt_llm")
+
+
+def backend_missing(backend: str, engine_dir: Path | None) -> str | None:
+    """None when `backend` can serve here; else what is missing, in words. Checked before the server starts."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {list(BACKENDS)}"
+    if backend == "torch":
+        return None
+    if engine_dir is None:
+        return "--backend tensorrt_llm serves built engines: give --engines DIR"
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return ("--backend tensorrt_llm needs the `tensorrt_llm` Python package (TensorRT-LLM, with TensorRT and "
+                "a CUDA GPU), which is not installed here; serve this directory with --backend torch on CPU")
+    engines = Path(engine_dir) / "engines" / "target"
+    if not engines.is_dir():
+        return (f"--backend tensorrt_llm needs the TensorRT-LLM engine {engines}: run "
+                f"`bash {Path(engine_dir) / 'build_engines.sh'}` on this GPU host first")
+    return ("--backend tensorrt_llm: TensorRT-LLM and the engines are present, but sparrow_llm's TensorRT-LLM "
+            "decoding loop (target hidden states for the Sparrow draft) is not written yet; use --backend torch")
 
 
 # ---- request checks (run inside the Python-backend models) --------------------------------------

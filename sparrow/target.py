@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processing import VisionSpec, fit_size, patchify, prompt_ids
+from .processing import VisionSpec, prompt_ids, video_patches
 from .video import resize
 
 ARCHITECTURES = {
@@ -36,6 +36,9 @@ class Prompt:
     input_ids: torch.Tensor  # [1, T]
     visual_mask: torch.Tensor  # [T] bool, True at visual-token positions
     model_inputs: dict  # what the HF forward needs besides ids (pixels, grids, token types)
+    # [M, H] the vision encoder's output when it ran elsewhere (Triton's vision_encoder model); None: the
+    # target runs its own vision tower on model_inputs' pixels
+    visual_embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,15 +108,46 @@ class Target:
             pixels, n_visual = self._llava_pixels(frames)
             inputs = {"pixel_values_videos": pixels}
         else:
-            h, w = fit_size(frames.shape[1], frames.shape[2], self.spec)
-            patches = patchify(resize(frames, (h, w)), self.spec)
+            patches = video_patches(frames, self.spec)
             inputs = {"pixel_values_videos": patches.pixel_values, "video_grid_thw": patches.grid_thw[None]}
             n_visual = patches.num_tokens
-        ids = torch.tensor([prompt_ids(self.tokenizer, prompt, n_visual, self.video_token_id)])
-        visual = ids[0] == self.video_token_id
+        return self._prompt(prompt, n_visual, inputs)
+
+    def prepare_embedded(self, prompt: str, visual_embeds: torch.Tensor, grid_thw: torch.Tensor) -> Prompt:
+        """A prompt whose vision encoder already ran: its embeddings `[M, H]` and the video's patch grid `[3]`
+        (t, h, w) from `sparrow.processing.video_patches` (Qwen2-VL family; positions need the grid)."""
+        if self.arch == "llava_onevision":
+            raise TargetError("precomputed visual embeddings are supported for Qwen2-VL / Qwen2.5-VL targets")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TargetError("prompt is empty")
+        grid = torch.as_tensor(grid_thw, dtype=torch.long).reshape(1, 3)  # [1, 3]
+        n_visual = int(grid.prod()) // self.spec.merge_size ** 2
+        if visual_embeds.ndim != 2 or visual_embeds.shape != (n_visual, self.hidden_size):
+            raise TargetError(f"visual embeddings must be [{n_visual}, {self.hidden_size}] for grid "
+                              f"{grid[0].tolist()}, got {list(visual_embeds.shape)}")
+        p = self._prompt(prompt, n_visual, {"video_grid_thw": grid})
+        p.visual_embeds = visual_embeds.to(self.device, self.model.dtype)
+        return p
+
+    def _prompt(self, prompt: str, n_visual: int, inputs: dict) -> Prompt:
+        ids = torch.tensor([prompt_ids(self.tokenizer, prompt, n_visual, self.video_token_id)])  # [1, T]
+        visual = ids[0] == self.video_token_id  # [T]
         if self.arch != "llava_onevision":
-            inputs["mm_token_type_ids"] = visual[None].int() * 2
+            inputs["mm_token_type_ids"] = visual[None].int() * 2  # [1, T]: 0 text, 2 video
         return Prompt(ids, visual, {k: v.to(self.device) for k, v in inputs.items()})
+
+    def visual_features(self, inputs: dict) -> torch.Tensor:
+        """The vision tower on a prompt's pixels -> visual embeddings `[M, H]`, one row per placeholder."""
+        model = self.model
+        if self.arch == "llava_onevision":
+            cfg = model.config
+            feats = model.model.get_video_features(
+                inputs["pixel_values_videos"], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+        else:
+            feats = torch.cat(model.model.get_video_features(
+                inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+        return feats.reshape(-1, self.hidden_size)
 
     def _llava_pixels(self, frames: np.ndarray) -> tuple[torch.Tensor, int]:
         vc = self.model.config.vision_config
@@ -149,8 +183,13 @@ class Target:
         cache = DynamicCache(config=self.model.config)
         ids = prompt.input_ids.to(self.device)
         positions, delta = self.positions(prompt)
+        extra = {}
+        if prompt.visual_embeds is not None:  # transformers inserts precomputed encoder outputs as its own
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            extra["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=[prompt.visual_embeds])}
         out = self.model(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=bool(layers),
-                         position_ids=positions, **prompt.model_inputs)
+                         position_ids=positions, **prompt.model_inputs, **extra)
         state = TargetState(cache=cache, length=ids.shape[1], pos_delta=delta, prompt_length=ids.shape[1])
         return state, self._output(out, layers)
 

@@ -12,12 +12,12 @@ class TritonPythonModel:
 
         import transformers
         from sparrow import serving
-        from sparrow.demo.model import DEMO_TARGET_DIR
 
+        cfg = json.loads(args["model_config"])
         self.s = serving
         self.respond = serving.Responder(pb_utils, "postprocessing")
-        self.cancel_flags = serving.CancelFlags(serving.param(json.loads(args["model_config"]), "cancel_dir"))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET_DIR)
+        self.cancel_flags = serving.CancelFlags(serving.param(cfg, "cancel_dir"))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(serving.param(cfg, "target_dir"))
         # the same decode as sparrow.generate's answer text
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
 

@@ -1,5 +1,6 @@
-"""preprocessing: `video` bytes (decoded with sparrow.video.decode) or raw `frames` -> checked uint8
-frames [N, H, W, 3], sampled to `num_frames` when given; the prompt is checked."""
+"""preprocessing: `video` bytes (decoded with sparrow.video.decode) or raw `frames`, sampled to `num_frames`
+when given -> the video's patches `pixel_values` [N, D] and `grid_thw` [3] (the target's processor layout,
+sparrow.processing.video_patches); the prompt is checked."""
 
 import json
 
@@ -11,8 +12,11 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         from sparrow import serving
+        from sparrow.processing import VisionSpec, video_patches
 
         self.s = serving
+        self.spec = VisionSpec.from_model_dir(serving.param(cfg, "target_dir"))
+        self.video_patches = video_patches
         self.respond = serving.Responder(pb_utils, "preprocessing")
         self.max_bytes = int(serving.param(cfg, "max_video_bytes"))
         self.max_frames = int(serving.param(cfg, "max_frames"))
@@ -33,8 +37,10 @@ class TritonPythonModel:
             raise s.RequestError(f"video must hold exactly one element (a whole file), got shape {list(video.shape)}")
         else:
             frames = s.decode_video(bytes(video.reshape(-1)[0]), num_frames, self.max_bytes, self.max_frames)
+        patches = self.video_patches(frames, self.spec)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("frames_checked", np.ascontiguousarray(frames)),
+            pb_utils.Tensor("pixel_values", patches.pixel_values.numpy()),  # [N, D] float32
+            pb_utils.Tensor("grid_thw", patches.grid_thw.numpy()),  # [3] int64
             pb_utils.Tensor("prompt_checked", np.array([prompt.encode("utf-8")], dtype=np.object_))])
 
     def execute(self, requests):

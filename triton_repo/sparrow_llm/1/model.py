@@ -1,4 +1,6 @@
-"""sparrow_llm (decoupled): the demo target on sparrow.runtime.Runtime with the Sparrow draft.
+"""sparrow_llm (decoupled): the served target (`target_dir`: the embedded demo target, or an engine directory's
+reference/target) on sparrow.runtime.Runtime with its Sparrow draft (`draft_dir`), prefilled from the
+vision_encoder's embeddings (sparrow.target.Target.prepare_embedded).
 
 speculative=true (default): sparrow.speculative.generate_speculative with a chain of `draft_len` drafted
 tokens; speculative=false: sparrow.generate.generate_ar. Greedy at temperature 0 (both give the same
@@ -17,8 +19,9 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
+        import torch
+
         from sparrow import serving
-        from sparrow.demo.model import DEMO_DRAFTS, DEMO_TARGET_DIR
         from sparrow.draft import Draft
         from sparrow.generate import generate_ar
         from sparrow.runtime import Runtime
@@ -33,9 +36,14 @@ class TritonPythonModel:
         self.max_tokens_limit = int(serving.param(cfg, "max_tokens_limit"))
         self.default_max_tokens = int(serving.param(cfg, "default_max_tokens"))
         self.cancel_flags = serving.CancelFlags(serving.param(cfg, "cancel_dir"))
-        target = Target.load(DEMO_TARGET_DIR)
+        self.torch = torch
+        target = Target.load(serving.param(cfg, "target_dir"))
         self.runtime = Runtime(target, max_len=self.max_len)
-        self.draft = Draft.load(DEMO_DRAFTS["sparrow"], target.model)
+        self.draft = Draft.load(serving.param(cfg, "draft_dir"), target.model)
+        window = int(serving.param(cfg, "window"))
+        if window and window != self.draft.cfg.window:  # 0: the draft's own (no engine directory)
+            raise RuntimeError(f"the engine directory says window {window}; the draft at "
+                               f"{serving.param(cfg, 'draft_dir')} was trained with {self.draft.cfg.window}")
         # warm up at load (first-use costs such as building the runtime's CPU attention op), so the
         # first request is not the one that pays them
         generate_speculative(self.runtime, self.draft, np.zeros((4, 64, 64, 3), np.uint8), "warm up", self.tree,
@@ -45,7 +53,7 @@ class TritonPythonModel:
     def _stream(self, request, sender):
         s = self.s
         get = lambda name: s.input_array(pb_utils, request, name)  # noqa: E731 - None: not sent
-        frames = get("frames")
+        embeds, grid = get("embeddings"), get("grid_thw")  # [M, H] float32, [3] int64
         prompt = s.one_string(get("prompt"), "prompt")
         max_tokens = s.check_max_tokens(s.one_value(get("max_tokens"), "max_tokens", self.default_max_tokens),
                                         self.max_tokens_limit)
@@ -54,8 +62,8 @@ class TritonPythonModel:
         speculative = bool(s.one_value(get("speculative"), "speculative", True))
         t0 = time.perf_counter()
         try:
-            prepared = self.runtime.prepare(frames, prompt)  # checked here, then reused by the decoder
-        except ValueError as e:  # TargetError: empty prompt, bad frames, too many frames
+            prepared = self.runtime.target.prepare_embedded(prompt, self.torch.from_numpy(embeds), grid)
+        except ValueError as e:  # TargetError: empty prompt, embeddings that do not fit the grid
             raise s.RequestError(str(e)) from e
         need = prepared.input_ids.shape[1] + max_tokens + self.tree.size + 1
         if need > self.max_len:
@@ -83,9 +91,9 @@ class TritonPythonModel:
                   prepared=prepared)
         try:
             if speculative:
-                res = self.generate_speculative(self.runtime, self.draft, frames, prompt, self.tree, **kw)
+                res = self.generate_speculative(self.runtime, self.draft, None, prompt, self.tree, **kw)
             else:
-                res = self.generate_ar(self.runtime, frames, prompt, **kw)
+                res = self.generate_ar(self.runtime, None, prompt, **kw)
         finally:
             self.cancel_flags.clear(request_id)
         res.stats["first_token_s"] = round(first_token_s, 4)
