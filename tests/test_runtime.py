@@ -123,3 +123,22 @@ def test_cache_writes_in_place_without_reallocating():
     c.update(torch.full((1, 1, 1, 4), 5.0), torch.zeros(1, 1, 1, 4), layer_idx=1)
     c.commit()
     assert c.lengths == [0, 2] and c.k[1, 1, 0, 1].eq(5).all()
+
+
+def test_precomputed_visual_embeddings_prefill_exactly_like_pixels(pair):
+    """Triton's split (vision_encoder, then sparrow_llm): the tower's embeddings + the patch grid give the same
+    prompt and the same logits as the pixels, on the runtime and on transformers' own path."""
+    ref, rt = pair
+    p = ref.prepare(_frames(), PROMPT)
+    if ref.arch == "llava_onevision":
+        with pytest.raises(TargetError, match="Qwen2-VL"):
+            ref.prepare_embedded(PROMPT, torch.zeros(1, ref.hidden_size), torch.tensor([1, 1, 1]))
+        return
+    embeds = ref.visual_features(p.model_inputs)  # [M, H]
+    grid = p.model_inputs["video_grid_thw"][0]  # [3]
+    e = ref.prepare_embedded(PROMPT, embeds, grid)
+    assert torch.equal(e.input_ids, p.input_ids) and "pixel_values_videos" not in e.model_inputs
+    for model in (ref, rt):
+        assert torch.equal(model.prefill(e)[1].logits, model.prefill(p)[1].logits)
+    with pytest.raises(TargetError, match="visual embeddings must be"):
+        ref.prepare_embedded(PROMPT, embeds[1:], grid)
