@@ -13,9 +13,11 @@ set -e
 [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || exit "$rc"
 # 2. A demo video and its ground truth (runs/sample.json).
 .venv/bin/sparrow demo video --seed 7 --out runs/sample.mp4
-# 3. Serve the demo pair on a real Triton server (Python backend on CPU).
-.venv/bin/sparrow serve --grpc-port 8001 --http-port 8000 --metrics-port 8002 --work-dir runs/serve \
-  > runs/serve.log 2>&1 &
+# 3. Serve what was built on a real Triton server (Python backend on CPU): the manifest gives the target
+#    converted back from the TensorRT-LLM checkpoint, the draft, the vision encoder's ONNX file (ONNX
+#    Runtime) and the limits; every artifact is re-hashed before the server starts.
+.venv/bin/sparrow serve --engines runs/engines/demo --grpc-port 8001 --http-port 8000 --metrics-port 8002 \
+  --work-dir runs/serve > runs/serve.log 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do
