@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--glimpses", type=int, default=8, help="IVSB glimpse vectors (0: no bridging)")
     p.add_argument("--glimpse-layer", type=int, default=2, help="target layer the glimpses are pooled from")
     p.add_argument("--mtp-steps", type=int, default=5, help="rollout length in training (1: no multi-token training)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=3000, help="demo videos the target answers for training data")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,7 @@
 """The embedded demo target: loads from the package, is exact under AR decoding, and reads the video."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 
 from sparrow.demo.data import make_example
 from sparrow.demo.model import DEMO_TARGET_DIR
-from sparrow.demo.world import COLOURS
+from sparrow.demo.world import COLOURS, DIRECTIONS, KINDS
 from sparrow.evaluate import eval_target
 from sparrow.generate import generate_ar
 from sparrow.processing import build_batch
@@ -36,16 +37,17 @@ def test_model_reads_the_video(target):
     and recorded in README; the committed model does not meet it yet (see README, Status).
     """
     res = eval_target(target.model, target.tokenizer, videos=60, seed=3, progress=False)
-    assert res.accuracy - res.blank_accuracy >= 0.15, res
+    assert res.accuracy - res.blank_accuracy >= 0.3, res
     assert res.blank_accuracy < 0.4, res
 
 
 def test_long_video_stays_usable(target):
-    """At ~25k visual tokens the model still produces finite logits and in-vocabulary words."""
+    """At ~25k visual tokens the caption still follows the caption grammar (not just in-vocabulary words)."""
     ex = make_example(5, task="caption", num_frames=200, side=256)
-    res = generate_ar(target, ex.frames, ex.prompt, max_new_tokens=12)
+    res = generate_ar(target, ex.frames, ex.prompt, max_new_tokens=8)
     assert res.stats["visual_tokens"] == 25600
-    assert len(res.token_ids) >= 1 and res.text.split()[0] in {"a", "the"}
+    clause = rf"a ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) appears and moves ({'|'.join(DIRECTIONS)})"
+    assert re.match(clause, res.text), res.text
 
 
 def test_cli_demo_video_and_generate(tmp_path):
