@@ -6,7 +6,7 @@ the caption prompt both ways, back to back, alternating which goes first (so dri
 hit both alike):
 - in-process: decode the mp4 and generate, as `sparrow generate` does (`generate_speculative` /
   `generate_ar` on the runtime), no server;
-- served: `SparrowClient.stream` over gRPC through preprocessing -> sparrow_llm -> postprocessing, until
+- served: `SparrowClient.stream` over gRPC through preprocessing -> vision_encoder -> sparrow_llm -> postprocessing, until
   the final response.
 tokens/s end to end = new tokens / wall time from the request (or the mp4 bytes) to the whole answer
 (video decode, prefill and decode included: what a caller waits for); decode tokens/s = the decoder's own
