@@ -182,6 +182,9 @@ def cmd_serve(a):
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A shell starts `sparrow serve &` with SIGINT ignored, and Python keeps an inherited SIG_IGN: claim
+    # SIGINT back so `kill -INT` stops the server as Ctrl-C does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(f"starting tritonserver (log: {server.log}) ...", file=sys.stderr)
         server.wait_ready(a.ready_timeout)

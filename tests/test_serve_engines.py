@@ -111,3 +111,25 @@ def test_tensorrt_llm_backend_absent_is_a_clear_error(demo_build, tmp_path):
     err = _refused(["--engines", str(demo_build[0]), "--backend", "tensorrt_llm"], tmp_path / "work")
     assert "needs the `tensorrt_llm` Python package" in err and "--backend torch" in err
     assert time.perf_counter() - t0 < 60
+
+
+def test_sigint_stops_a_server_started_in_the_background(demo_build, tmp_path):
+    """`sparrow serve ... &` from a script inherits SIGINT ignored; `kill -INT` must still stop it and its
+    tritonserver."""
+    out, _ = demo_build
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  what `cmd &` does
+    proc = subprocess.Popen(SERVE + ["--engines", str(out), "--grpc-port", str(free_port()), "--http-port",
+                                     str(free_port()), "--metrics-port", str(free_port()), "--work-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            preexec_fn=ignore_sigint)
+    try:
+        line = ""
+        while not line.startswith("READY"):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"sparrow serve exited ({proc.poll()})"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopped (exit code 0)" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
