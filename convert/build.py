@@ -8,7 +8,7 @@ Steps (each skipped when the hash of its inputs matches the last build and its a
   reference -> reference/target/: a Hugging Face directory whose text decoder comes back from the TensorRT-LLM
                checkpoint (the inverse converter), logits checked against the source model; with draft/ and
                vision/encoder.onnx it is what `sparrow serve --engines` loads on a machine without TensorRT
-  engines   -> build_engines.sh (trtllm-build + TensorRT builder); run here only where TensorRT-LLM and a
+  engines   -> build_engines.sh (TensorRT-LLM build API + TensorRT builder); run here only where TensorRT-LLM and a
                GPU are present
 `manifest.json` records the recipe, input hashes, tool versions, artifacts + hashes, verification figures and
 `serve` (what the server loads, relative to the directory, and its limits); `sparrow build --verify DIR`
@@ -33,7 +33,7 @@ EXIT_COMPLETE = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_RECIPE_ERROR = 2
 EXIT_PREPARED = 3  # artifacts ready; engines left for a GPU host (build_engines.sh)
-BUILD_VERSION = 1  # bump when a step's output for the same inputs changes
+BUILD_VERSION = 2  # bump when a step's output for the same inputs changes
 MANIFEST = "manifest.json"
 SCRIPT = "build_engines.sh"
 REFERENCE_TARGET = "reference/target"  # the CPU reference target: HF directory from the TensorRT-LLM checkpoint
@@ -251,8 +251,8 @@ def gpu_toolchain() -> str | None:
     """None where engines can be built here; else why not."""
     import importlib.util
 
-    if shutil.which("trtllm-build") is None or importlib.util.find_spec("tensorrt_llm") is None:
-        return "TensorRT-LLM (trtllm-build) is not installed"
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return "TensorRT-LLM is not installed"
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT's Python package is not installed"
     try:
@@ -263,6 +263,18 @@ def gpu_toolchain() -> str | None:
     except ImportError:
         return "torch is not installed"
     return None
+
+
+def draft_layers(r: Recipe) -> tuple[int, ...]:
+    """The target hidden-state layers the target engine must output: the draft's (the last layer alone without one)."""
+    from ..draft import DraftConfig
+
+    text = json.loads((r.target / "config.json").read_text())
+    last = text.get("text_config", text)["num_hidden_layers"]
+    if r.draft is None:
+        return (last,)
+    cfg = DraftConfig.from_json(json.loads((r.draft / "draft_config.json").read_text()))
+    return tuple(sorted(set(cfg.target_layers) | {last}))
 
 
 def build_script(r: Recipe, manifest: dict) -> str:
@@ -276,15 +288,16 @@ def build_script(r: Recipe, manifest: dict) -> str:
         "# TensorRT installed, and this project installed (pip install sparrow-trt).",
         "set -euo pipefail",
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-        "command -v trtllm-build >/dev/null || { echo 'trtllm-build not found: install tensorrt_llm' >&2; exit 1; }",
+        "python -c 'import tensorrt_llm' 2>/dev/null ||",
+        "  { echo 'TensorRT-LLM not found: pip install tensorrt_llm' >&2; exit 1; }",
         'mkdir -p "$HERE/engines"',
-        "# target LLM: tensor-parallel ranks from trtllm/target; draft tokens come from the Sparrow draft",
-        'trtllm-build --checkpoint_dir "$HERE/trtllm/target" --output_dir "$HERE/engines/target" \\',
-        f"  --gemm_plugin auto --gpt_attention_plugin auto --max_batch_size {e.max_batch_size} \\",
-        f"  --max_input_len {e.max_input_len} --max_seq_len {e.max_seq_len} "
-        f"--max_num_tokens {e.max_batch_size * e.max_input_len} \\",
-        f"  --max_multimodal_len {e.max_batch_size * e.max_input_len} \\",
-        f"  --speculative_decoding_mode draft_tokens_external --max_draft_len {e.max_draft_len}",
+        "# target LLM (tensor-parallel ranks from trtllm/target) with the hidden states the Sparrow draft reads as",
+        "# extra outputs; drafted tokens are verified as context requests with KV-cache block reuse",
+        'python -m sparrow.convert.trtllm_engine "$HERE/trtllm/target" "$HERE/engines/target" \\',
+        f"  --layers {','.join(map(str, draft_layers(r)))} --max-batch-size {e.max_batch_size} "
+        f"--max-input-len {e.max_input_len} --max-seq-len {e.max_seq_len} \\",
+        f"  --max-num-tokens {e.max_batch_size * e.max_input_len} "
+        f"--max-multimodal-len {e.max_batch_size * e.max_input_len}",
     ]
     fp16 = " --fp16" if e.dtype != "float32" else ""
     if "vision/encoder.onnx" in manifest.get("artifacts", {}):
@@ -334,7 +347,7 @@ def build(recipe: Recipe, out: Path, log=print) -> int:
         return EXIT_COMPLETE
     log(f"prepared for GPU build: {why}. Ran here: validate, vision ONNX, TensorRT-LLM checkpoint, draft ONNX, "
         f"CPU reference target (all verified; `sparrow serve --engines {out}` serves them). "
-        f"Left for a GPU host: `bash {out / SCRIPT}` (trtllm-build + TensorRT engines).")
+        f"Left for a GPU host: `bash {out / SCRIPT}` (TensorRT-LLM target engine + TensorRT engines).")
     return EXIT_PREPARED
 
 

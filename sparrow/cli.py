@@ -159,7 +159,7 @@ def cmd_generate(a):
 def cmd_serve(a):
     import signal
 
-    from .serving import EngineDirError, GrpcTls, ServeConfig, backend_missing, start_server
+    from .serving import EngineDirError, GrpcTls, ServeConfig, backend_missing, start_server, trtllm_engine_dir
 
     # limits given on the command line win over the engine directory's (or the defaults)
     given = {k: v for k, v in (("max_frames", a.max_frames), ("draft_len", a.draft_len), ("max_len", a.max_len))
@@ -168,6 +168,8 @@ def cmd_serve(a):
     missing = backend_missing(a.backend, Path(a.engines) if a.engines else None)
     if missing:
         sys.exit(f"error: {missing}")
+    if a.backend == "tensorrt_llm":
+        given["trtllm_engine"] = str(trtllm_engine_dir(Path(a.engines)).resolve())
     try:
         cfg = ServeConfig.from_engines(a.engines, **given) if a.engines else ServeConfig(**given)
     except EngineDirError as e:

@@ -58,6 +58,10 @@ class Runtime:
         self.tokenizer = target.tokenizer
         self.eos_token_ids = target.eos_token_ids
 
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
     def prepare(self, frames, prompt: str) -> Prompt:
         return self.target.prepare(frames, prompt)
 

@@ -26,6 +26,8 @@ import numpy as np
 
 from .demo.model import DEMO_DRAFTS, DEMO_TARGET_DIR
 
+OUTPUTS_FILE = "sparrow_outputs.json"  # beside the TensorRT-LLM target engine: the hidden layers it outputs
+
 MODELS = ("preprocessing", "vision_encoder", "sparrow_llm", "postprocessing", "sparrow")
 ENSEMBLE = "sparrow"
 
@@ -63,6 +65,8 @@ class ServeConfig:
     vision_onnx: str = ""  # the vision encoder in ONNX Runtime; "": the target's tower in torch
     window: int = 0  # the draft's window W the build was made for; 0: whatever the draft was trained with
     instances: int = 1  # sparrow_llm instances (each its own KV cache)
+    # the TensorRT-LLM target engine directory (`--backend tensorrt_llm`); "": the target runs in torch
+    trtllm_engine: str = ""
 
     @classmethod
     def from_engines(cls, engine_dir: str | Path, **overrides) -> "ServeConfig":
@@ -115,12 +119,16 @@ def backend_missing(backend: str, engine_dir: Path | None) -> str | None:
     if importlib.util.find_spec("tensorrt_llm") is None:
         return ("--backend tensorrt_llm needs the `tensorrt_llm` Python package (TensorRT-LLM, with TensorRT and "
                 "a CUDA GPU), which is not installed here; serve this directory with --backend torch on CPU")
-    engines = Path(engine_dir) / "engines" / "target"
-    if not engines.is_dir():
-        return (f"--backend tensorrt_llm needs the TensorRT-LLM engine {engines}: run "
+    engines = trtllm_engine_dir(engine_dir)
+    if not (engines / OUTPUTS_FILE).is_file():
+        return (f"--backend tensorrt_llm needs the TensorRT-LLM target engine {engines} (with {OUTPUTS_FILE}): run "
                 f"`bash {Path(engine_dir) / 'build_engines.sh'}` on this GPU host first")
-    return ("--backend tensorrt_llm: TensorRT-LLM and the engines are present, but sparrow_llm's TensorRT-LLM "
-            "decoding loop (target hidden states for the Sparrow draft) is not written yet; use --backend torch")
+    return None
+
+
+def trtllm_engine_dir(engine_dir: Path) -> Path:
+    """Where `build_engines.sh` writes the TensorRT-LLM target engine inside a build directory."""
+    return Path(engine_dir) / "engines" / "target"
 
 
 # ---- request checks (run inside the Python-backend models) --------------------------------------

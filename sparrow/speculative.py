@@ -26,6 +26,7 @@ import torch
 from .draft import Draft, PrefixContext, WindowContext
 from .generate import GenerationResult, _pick, check_lengths, hold_eos
 from .runtime import Runtime
+from .runtime_trtllm import TrtLlmRuntime
 from .target import Prompt
 
 
@@ -177,7 +178,7 @@ def accept_sampled(tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     return path, int(torch.multinomial(p[-1], 1, generator=gen))
 
 
-def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, prompt: str,
+def generate_speculative(runtime: Runtime | TrtLlmRuntime, draft: Draft, frames: np.ndarray, prompt: str,
                          tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
                          seed: int = 0, min_new_tokens: int = 0,
                          on_tokens: Callable[[list[int]], None] | None = None,
@@ -193,7 +194,7 @@ def generate_speculative(runtime: Runtime, draft: Draft, frames: np.ndarray, pro
     p = prepared if prepared is not None else runtime.prepare(frames, prompt)
     layers = draft.cfg.target_layers
     state, out = runtime.prefill(p, layers=layers)
-    ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.cache.max_len)
+    ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.max_len)
     tokens = [_pick(hold_eos(out.logits[0, -1:], torch.tensor([0]), min_new_tokens, eos)[0], temperature, gen)]
     root_feat, root_pos = feats[:, -1:], state.length  # the root token sits at cache index root_pos
     if on_tokens is not None:

@@ -137,7 +137,8 @@ def test_demo_build_prepares_for_gpu_and_records_everything(demo_build):
                           "max_frames": 256, "instances": 1}
     assert m["tools"]["torch"] and m["recipe"]["name"] == "demo" and m["inputs"]["target"]
     script = (out / "build_engines.sh").read_text()
-    assert "trtllm-build --checkpoint_dir" in script and "--max_draft_len 5" in script
+    # the target engine outputs the hidden states the demo draft reads (layers 1, 2, 4)
+    assert 'python -m sparrow.convert.trtllm_engine "$HERE/trtllm/target"' in script and "--layers 1,2,4" in script
 
 
 def test_second_build_is_a_no_op_and_verify_catches_a_modified_file(demo_build, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """sparrow_llm (decoupled): the served target (`target_dir`: the embedded demo target, or an engine directory's
-reference/target) on sparrow.runtime.Runtime with its Sparrow draft (`draft_dir`), prefilled from the
-vision_encoder's embeddings (sparrow.target.Target.prepare_embedded).
+reference/target) on sparrow.runtime.Runtime, or with `trtllm_engine` set (`--backend tensorrt_llm`) on its
+TensorRT-LLM engine through sparrow.runtime_trtllm.TrtLlmRuntime, with its Sparrow draft (`draft_dir`, torch),
+prefilled from the vision_encoder's embeddings (sparrow.target.Target.prepare_embedded).
 
 speculative=true (default): sparrow.speculative.generate_speculative with a chain of `draft_len` drafted
 tokens; speculative=false: sparrow.generate.generate_ar. Greedy at temperature 0 (both give the same
@@ -38,7 +39,13 @@ class TritonPythonModel:
         self.cancel_flags = serving.CancelFlags(serving.param(cfg, "cancel_dir"))
         self.torch = torch
         target = Target.load(serving.param(cfg, "target_dir"))
-        self.runtime = Runtime(target, max_len=self.max_len)
+        engine = serving.param(cfg, "trtllm_engine")
+        if engine:
+            from sparrow.runtime_trtllm import TrtLlmRuntime
+
+            self.runtime = TrtLlmRuntime(target, engine, max_len=self.max_len)
+        else:
+            self.runtime = Runtime(target, max_len=self.max_len)
         self.draft = Draft.load(serving.param(cfg, "draft_dir"), target.model)
         window = int(serving.param(cfg, "window"))
         if window and window != self.draft.cfg.window:  # 0: the draft's own (no engine directory)
