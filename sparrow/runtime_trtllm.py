@@ -140,9 +140,10 @@ class TrtLlmRuntime:
         if self.target.arch != "llava_onevision":
             cos_sin = mrope_cos_sin(positions[:, 0], delta, self.head_dim, self.rope["rope_theta"],
                                     list(self.rope["mrope_section"]), self.max_positions)
-        state = TrtLlmState(ids.tolist(), len(ids), delta, table.to(self.engine_dtype), cos_sin, next(self.sequences))
-        out = self._forward(state, len(ids), layers)
-        return state, StepOutput(out.logits[:, -1:], out.hidden)
+        state = TrtLlmState(ids.tolist(), len(ids), delta, table.to(self.engine_dtype), cos_sin,
+                            next(self.sequences))
+        hidden = self._forward(state, len(ids), layers)
+        return state, StepOutput(self.lm_head(hidden[self.num_layers][:, -1:]), {k: hidden[k] for k in layers})
 
     @torch.inference_mode()
     def step(self, state: TrtLlmState, tokens: torch.Tensor, tree_mask: torch.Tensor | None = None,
@@ -154,7 +155,8 @@ class TrtLlmRuntime:
         if state.length + tokens.shape[1] > self.max_len:
             raise TargetError(f"sequence of {state.length + tokens.shape[1]} tokens > max_len {self.max_len}")
         state.ids.extend(int(t) for t in tokens[0])
-        return self._forward(state, tokens.shape[1], layers)
+        hidden = self._forward(state, tokens.shape[1], layers)
+        return StepOutput(self.lm_head(hidden[self.num_layers]), {k: hidden[k] for k in layers})
 
     def truncate(self, state: TrtLlmState, length: int) -> None:
         if length < state.prompt_length:
@@ -168,8 +170,10 @@ class TrtLlmRuntime:
             raise TargetError(f"the tensorrt_llm backend keeps chain prefixes only, got path {indices}")
         self.truncate(state, start + len(indices))
 
-    def _forward(self, state: TrtLlmState, n: int, layers: tuple[int, ...]) -> StepOutput:
-        """One context request over the whole sequence; logits and hidden states of its last `n` tokens."""
+    def _forward(self, state: TrtLlmState, n: int, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """One context request over the whole sequence: hidden states `[1, n, H]` of its last `n` tokens at
+        `layers` and the last layer (the logits' input; the caller applies the LM head only where it needs
+        logits: a prefill's last row, not every visual token)."""
         tle = self.tle
         wanted = sorted(set(layers) | {self.num_layers})
         missing = [k for k in wanted if k not in self.hidden_layers]
@@ -197,8 +201,7 @@ class TrtLlmRuntime:
             if rows.shape[0] < n:
                 raise RuntimeError(f"{name}: {rows.shape[0]} context rows for {n} new tokens")
             hidden[k] = rows[-n:][None].to(self.lm_head.weight.device, self.lm_head.weight.dtype)  # [1, n, H]
-        logits = self.lm_head(hidden[self.num_layers])  # [1, n, V]
-        return StepOutput(logits, {k: hidden[k] for k in layers})
+        return hidden
 
 
 def engine_outputs(engine_dir: str | Path) -> tuple[list[int], str]:
