@@ -87,13 +87,8 @@ class Runtime:
     def _prompt_embeddings(self, prompt: Prompt):
         ids = prompt.input_ids.to(self.target.model.device)
         embeds = self.lm.embed_tokens(ids)  # [1, T, H]
-        feats = prompt.visual_embeds
-        if feats is None:
-            feats = self.target.visual_features(prompt.model_inputs)  # [M, H]
+        feats = self.target.prompt_visual_features(prompt).to(embeds.dtype)  # [M, H]
         positions, delta = self.target.positions(prompt)
-        feats = feats.to(embeds.dtype)
-        if feats.shape[0] != int(prompt.visual_mask.sum()):
-            raise TargetError(f"{feats.shape[0]} visual features for {int(prompt.visual_mask.sum())} placeholders")
         embeds[0, prompt.visual_mask.to(embeds.device)] = feats
         return embeds, positions, delta
 

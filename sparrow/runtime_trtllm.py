@@ -128,13 +128,8 @@ class TrtLlmRuntime:
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, layers: tuple[int, ...] = ()) -> tuple[TrtLlmState, StepOutput]:
         ids = prompt.input_ids[0].clone()  # [T]
-        mask = prompt.visual_mask
-        table = prompt.visual_embeds
-        if table is None:
-            table = self.target.visual_features(prompt.model_inputs)  # [M, H]
-        if table.shape[0] != int(mask.sum()):
-            raise TargetError(f"{table.shape[0]} visual features for {int(mask.sum())} placeholders")
-        ids[mask] = self.target.vocab_size + torch.arange(table.shape[0])  # prompt-table rows, in order
+        table = self.target.prompt_visual_features(prompt)  # [M, H]
+        ids[prompt.visual_mask] = self.target.vocab_size + torch.arange(table.shape[0])  # prompt-table rows, in order
         positions, delta = self.target.positions(prompt)
         cos_sin = None
         if self.target.arch != "llava_onevision":

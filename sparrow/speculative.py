@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ import torch
 from .draft import Draft, PrefixContext, WindowContext
 from .generate import GenerationResult, _pick, check_lengths, hold_eos
 from .runtime import Runtime
-from .runtime_trtllm import TrtLlmRuntime
 from .target import Prompt
+
+if TYPE_CHECKING:
+    from .runtime_trtllm import TrtLlmRuntime
 
 
 @dataclass(frozen=True)

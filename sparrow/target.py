@@ -136,6 +136,16 @@ class Target:
             inputs["mm_token_type_ids"] = visual[None].int() * 2  # [1, T]: 0 text, 2 video
         return Prompt(ids, visual, {k: v.to(self.device) for k, v in inputs.items()})
 
+    def prompt_visual_features(self, prompt: Prompt) -> torch.Tensor:
+        """The prompt's visual embeddings `[M, H]`, one per placeholder: the ones it carries (vision encoder run
+        elsewhere) or the vision tower's on its pixels."""
+        feats = prompt.visual_embeds
+        if feats is None:
+            feats = self.visual_features(prompt.model_inputs)  # [M, H]
+        if feats.shape[0] != int(prompt.visual_mask.sum()):
+            raise TargetError(f"{feats.shape[0]} visual features for {int(prompt.visual_mask.sum())} placeholders")
+        return feats
+
     def visual_features(self, inputs: dict) -> torch.Tensor:
         """The vision tower on a prompt's pixels -> visual embeddings `[M, H]`, one row per placeholder."""
         model = self.model
