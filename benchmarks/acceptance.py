@@ -3,8 +3,9 @@
 Every draft runs greedy speculative decoding on the same held-out demo videos; each output is
 compared token for token with stock Hugging Face `generate` (greedy) on a separate, untouched copy
 of the target. Rows: draft, attend, window, glimpses, mtp_steps, train_steps, videos,
-lossless_videos, mean_accepted_length, holdout_expected_length (the offline estimate training
-printed), visual_tokens, draft_len.
+lossless_videos, mean_accepted_length, holdout_expected_length and holdout_long_expected_length
+(the offline estimates training printed, on held-out short and long-video records), visual_tokens,
+draft_len, min_new_tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class AcceptanceBenchConfig:
     visual_tokens: int = 1024
     videos: int = 100
     max_new_tokens: int = 48
+    min_new_tokens: int = 0  # end-of-turn held back until then (the fixed-length regime of `bench speedup`)
     draft_len: int = 5
     model: str | None = None
     threads: int = 2
@@ -32,6 +34,8 @@ class AcceptanceBenchConfig:
             raise ValueError("name at least one draft")
         if self.videos < 1 or self.draft_len < 1:
             raise ValueError("videos and draft_len must be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must lie in [0, {self.max_new_tokens}]")
 
 
 def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
@@ -58,10 +62,11 @@ def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
         p = reference.prepare(frames, prompt)
         with torch.inference_mode():
             hf = reference.model.generate(input_ids=p.input_ids, **p.model_inputs, do_sample=False,
-                                          max_new_tokens=cfg.max_new_tokens)
+                                          max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
         expect = hf[0, p.input_ids.shape[1]:].tolist()
         for name, draft in drafts.items():
-            res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens, prepared=p)
+            res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens,
+                                       min_new_tokens=cfg.min_new_tokens, prepared=p)
             s = stats[name]
             s["lossless"] += res.token_ids == expect
             s["new"] += res.stats["new_tokens"] - 1
@@ -77,13 +82,15 @@ def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
                      "train_steps": meta.get("config", {}).get("steps"), "videos": len(videos),
                      "lossless_videos": s["lossless"], "mean_accepted_length": round(s["new"] / max(s["steps"], 1), 3),
                      "holdout_expected_length": meta.get("holdout", {}).get("expected_accepted_length"),
-                     "visual_tokens": cfg.visual_tokens, "draft_len": cfg.draft_len})
+                     "holdout_long_expected_length": meta.get("holdout_long", {}).get("expected_accepted_length"),
+                     "visual_tokens": cfg.visual_tokens, "draft_len": cfg.draft_len,
+                     "min_new_tokens": cfg.min_new_tokens})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     keys = ["draft", "attend", "window", "glimpses", "mtp_steps", "train_steps", "mean_accepted_length",
-            "holdout_expected_length", "lossless_videos", "videos"]
+            "holdout_expected_length", "holdout_long_expected_length", "lossless_videos", "videos"]
     lines = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")

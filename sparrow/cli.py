@@ -67,11 +67,13 @@ def cmd_train_draft(a):
                         num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
                         intermediate_size=text.intermediate_size,
                         feature_layers=(1, text.num_hidden_layers // 2, text.num_hidden_layers))
-    data = DraftDataConfig(examples=a.examples, seed=a.seed, feature_layers=draft.feature_layers)
+    data = DraftDataConfig(examples=a.examples, seed=a.seed, feature_layers=draft.feature_layers,
+                           long_examples=a.long_examples)
     cfg = DraftTrainConfig(draft=draft, data=data, steps=a.steps, batch_size=a.batch_size,
-                           mtp_steps=a.mtp_steps, seed=a.seed)
-    rec = train_draft(target, cfg, a.data_dir, a.work_dir, a.out)
-    print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss", "holdout")}))
+                           mtp_steps=a.mtp_steps, seed=a.seed, long_steps=a.long_steps)
+    rec = train_draft(target, cfg, a.data_dir, a.work_dir, a.out, init=a.init)
+    print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss", "holdout", "holdout_long")
+                                           if k in rec}))
 
 
 def _load_draft(path: str | None, target, strategy: str):
@@ -245,7 +247,8 @@ def cmd_bench_acceptance(a):
 
     drafts = dict(a.drafts) if a.drafts else {k: str(v) for k, v in DEMO_DRAFTS.items()}
     cfg = acceptance.AcceptanceBenchConfig(drafts=drafts, visual_tokens=a.visual_tokens, videos=a.videos,
-                                           max_new_tokens=a.max_new_tokens, draft_len=a.draft_len, model=a.model,
+                                           max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_new_tokens,
+                                           draft_len=a.draft_len, model=a.model,
                                            threads=a.threads)
     _bench(acceptance, cfg, a.json)
 
@@ -324,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=3000, help="demo videos the target answers for training data")
+    p.add_argument("--long-examples", type=int, default=40,
+                   help="long demo videos (12k-16k visual tokens) the target captions for phase 2 (0: no phase 2)")
+    p.add_argument("--long-steps", type=int, default=300, help="phase-2 steps (mixed short and long videos)")
+    p.add_argument("--init", default=None,
+                   help="a trained draft of the same config: start phase 2 from it, skipping phase 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="runs/draft_data", help="cached target states (shards); reused if present")
     p.add_argument("--work-dir", default="runs/draft_work", help="checkpoints; resumed if present")
@@ -421,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-tokens", type=int, default=1024)
     p.add_argument("--videos", type=int, default=100, help="held-out demo videos")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="hold end-of-turn back until this many tokens (bench speedup's fixed-length regime)")
     p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
     p.add_argument("--threads", type=int, default=2)
     _add_model_arg(p)

@@ -42,12 +42,25 @@ class DraftTrainConfig:
     holdout: int = 100  # last records of the data, never trained on: validation
     seed: int = 0
     checkpoint_every: int = 250
+    # Phase 2 (when the data has long-video records): `long_steps` more steps at a lower rate on
+    # batches that are `long_share` long-video records and the rest short ones (so the short-video
+    # skill is kept). Its own batch size: an EAGLE draft's batch pads every record to the longest
+    # video's positions. Defaults picked on held-out records (README, "Training data and training").
+    long_steps: int = 300
+    long_batch_size: int = 16
+    long_share: float = 0.25
+    long_lr: float = 3e-4
+    long_holdout: int = 4
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.mtp_steps < 1:
             raise ValueError("steps, batch_size and mtp_steps must be positive")
         if not 0 < self.holdout < self.data.examples:
             raise ValueError(f"holdout must lie in (0, {self.data.examples})")
+        if self.long_steps < 0 or self.long_batch_size < 1 or not 0 < self.long_share <= 1 or self.long_lr <= 0:
+            raise ValueError("long_steps >= 0, long_batch_size >= 1, long_share in (0, 1] and long_lr > 0 are required")
+        if self.data.long_examples and not 0 < self.long_holdout < self.data.long_examples:
+            raise ValueError(f"long_holdout must lie in (0, {self.data.long_examples})")
         if self.draft.feature_layers != self.data.feature_layers:
             raise ValueError("the draft's feature_layers must be the ones the data stores")
 
@@ -160,12 +173,21 @@ def rollout_logits(draft: Draft, batch: dict, k: int) -> list[torch.Tensor]:
     return out
 
 
-def mtp_loss(draft: Draft, batch: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the k steps, and per-step correctness `[B, Q, k]` (False where unlabelled)."""
+def label_counts(batch: dict) -> torch.Tensor:
+    """Labelled positions per rollout step `[k]`."""
+    return (batch["labels"] != IGNORE).sum((0, 1))
+
+
+def mtp_loss(draft: Draft, batch: dict, k: int, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy averaged over each step's labels, then over the k steps; and per-step correctness
+    `[B, Q, k]` (False where unlabelled). `counts` `[k]`: divide by these label counts instead of this
+    batch's own, so micro-batches of one batch add up to the whole batch's loss."""
+    counts = label_counts(batch) if counts is None else counts
     losses, correct = [], []
     for s, logits in enumerate(rollout_logits(draft, batch, k)):
         labels = batch["labels"][:, :, s]
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE))
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        losses.append(total / counts[s].clamp(min=1))
         correct.append(logits.argmax(-1) == labels)
     return torch.stack(losses).mean(), torch.stack(correct, -1)
 
@@ -189,53 +211,94 @@ def evaluate(draft: Draft, recs: list[dict], k: int, batch_size: int = 16) -> di
             "expected_accepted_length": round(1 + float(runs.sum(-1).mean()), 3)}
 
 
+def _schedule(cfg: DraftTrainConfig):
+    """LR multiplier at step s: warm-up + cosine over phase 1, then cosine from long_lr over phase 2."""
+    def f(s: int) -> float:
+        if s < cfg.steps:
+            return min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+        return cfg.long_lr / cfg.lr * 0.5 * (1 + math.cos(math.pi * (s - cfg.steps) / max(1, cfg.long_steps)))
+    return f
+
+
+def _pick_batch(cfg: DraftTrainConfig, step: int, short: list[dict], long: list[dict],
+                rng: np.random.Generator) -> list[list[dict]]:
+    """One step's records, as micro-batches of like length: padding short records to a long video's
+    positions would multiply an EAGLE draft's cost, and the micro-batches add up to the same loss."""
+    if step < cfg.steps or not long:
+        return [[short[i] for i in rng.choice(len(short), cfg.batch_size)]]
+    n_long = max(1, round(cfg.long_batch_size * cfg.long_share))
+    groups = [[long[i] for i in rng.choice(len(long), n_long)],
+              [short[i] for i in rng.choice(len(short), cfg.long_batch_size - n_long)]]
+    return [g for g in groups if g]
+
+
 def train_draft(target: Target, cfg: DraftTrainConfig, data_dir: str | Path, work_dir: str | Path,
-                out: str | Path | None, progress: bool = True) -> dict:
+                out: str | Path | None, progress: bool = True, init: str | Path | None = None) -> dict:
+    """Phase 1 (`steps`, short videos) then phase 2 (`long_steps`, with long videos, if the data has
+    them). `init`: a trained draft directory to start phase 2 from, skipping phase 1."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    shards = build_shards(target, data_dir, cfg.data)
-    recs = load_shards(shards)
+    short_shards, long_shards = build_shards(target, data_dir, cfg.data)
+    recs, long_recs = load_shards(short_shards), load_shards(long_shards)
     train, held = recs[:-cfg.holdout], recs[-cfg.holdout:]
+    long_train, long_held = (long_recs[:-cfg.long_holdout], long_recs[-cfg.long_holdout:]) if long_recs else ([], [])
+    total = cfg.steps + (cfg.long_steps if long_recs else 0)
     torch.manual_seed(cfg.seed)
     draft = Draft.for_target(cfg.draft, target.model).float().train()
+    step, elapsed, log, lineage = 0, 0.0, [], None
+    if init is not None:
+        start = Draft.load(init, target.model)
+        if start.cfg != cfg.draft:
+            raise ValueError(f"{init} holds a draft with another config than this run's")
+        draft.load_state_dict(start.float().state_dict(), strict=False)
+        lineage = {"init": str(init), "init_training": json.loads(Path(init, "training.json").read_text())
+                   if Path(init, "training.json").is_file() else None}
+        step = cfg.steps
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    start_step, schedule = step, _schedule(cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(start_step + s))
     ckpt = work / "draft_ckpt.pt"
-    step, elapsed, log = 0, 0.0, []
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != cfg.to_json():
-            raise ValueError(f"{ckpt} was written with another training config; use a fresh --work-dir")
+        if state["config"] != cfg.to_json() or state.get("lineage") != lineage:
+            raise ValueError(f"{ckpt} was written by another training run (config or --init); use a fresh --work-dir")
         draft.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
     rng = np.random.default_rng([cfg.seed, step])
-    bar = tqdm(total=cfg.steps, initial=step, desc="train draft", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc="train draft", disable=not progress)
     t0 = time.perf_counter() - elapsed
-    while step < cfg.steps:
-        batch = make_batch([train[i] for i in rng.choice(len(train), cfg.batch_size)], cfg.draft, cfg.mtp_steps)
-        loss, correct = mtp_loss(draft, batch, cfg.mtp_steps)
+    while step < total:
+        batches = [make_batch(g, cfg.draft, cfg.mtp_steps) for g in _pick_batch(cfg, step, train, long_train, rng)]
+        counts = sum(label_counts(b) for b in batches)  # [k]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for batch in batches:
+            part, _ = mtp_loss(draft, batch, cfg.mtp_steps, counts)
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         sched.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", phase=1 if step <= cfg.steps else 2)
         if step % 50 == 0:
-            log.append({"step": step, "loss": round(loss.item(), 4)})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            log.append({"step": step, "loss": round(loss, 4)})
+        if step % cfg.checkpoint_every == 0 or step == total or (step > cfg.steps and step % 50 == 0):
             torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step, "elapsed": time.perf_counter() - t0, "log": log,
-                        "config": cfg.to_json()}, ckpt)
+                        "config": cfg.to_json(), "lineage": lineage}, ckpt)
     bar.close()
-    metrics = evaluate(draft, held, max(cfg.mtp_steps, 5))
+    k = max(cfg.mtp_steps, 5)
     rec = {"config": cfg.to_json(), "train_seconds": round(time.perf_counter() - t0, 1),
-           "final_loss": log[-1]["loss"] if log else None, "holdout": metrics, "log": log}
+           "final_loss": log[-1]["loss"] if log else None, "holdout": evaluate(draft, held, k), "log": log}
+    if long_held:
+        rec["holdout_long"] = evaluate(draft, long_held, k, batch_size=2)
+    if lineage is not None:
+        rec.update(lineage)
     if out is not None:
         draft.save(out, rec)
         Path(out, "training.json").write_text(json.dumps(rec, indent=1))
