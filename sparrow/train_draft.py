@@ -247,6 +247,8 @@ def train_draft(target: Target, cfg: DraftTrainConfig, data_dir: str | Path, wor
     draft = Draft.for_target(cfg.draft, target.model).float().train()
     step, elapsed, log, lineage = 0, 0.0, [], None
     if init is not None:
+        if not long_recs or not cfg.long_steps:
+            raise ValueError("--init starts phase 2, and this run has none (no long-video records or long_steps 0)")
         start = Draft.load(init, target.model)
         if start.cfg != cfg.draft:
             raise ValueError(f"{init} holds a draft with another config than this run's")

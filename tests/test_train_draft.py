@@ -73,6 +73,9 @@ def test_init_skips_phase_one(target, tmp_path):
     assert [e["step"] for e in rec["log"]] == []  # only phase 2 ran: 3 steps, no 50-step log line
     first, second = Draft.load(tmp_path / "first", target.model), Draft.load(tmp_path / "second", target.model)
     assert not torch.equal(first.q.weight, second.q.weight)  # phase 2 trained on from the first's weights
+    with pytest.raises(ValueError, match="starts phase 2"):
+        train_draft(target, _cfg(target, long_steps=0), tmp_path / "data", tmp_path / "w4", None,
+                    progress=False, init=tmp_path / "first")
     other = DraftConfig(**{**first.cfg.to_json(), "window": 4})
     with pytest.raises(ValueError, match="another config"):
         train_draft(target, _cfg(target, draft=other), tmp_path / "data", tmp_path / "w3", None,
