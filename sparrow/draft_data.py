@@ -80,10 +80,10 @@ def record(runtime: Runtime, frames: np.ndarray, prompt: str, cfg: DraftDataConf
     hidden = [torch.stack([out.hidden[i][0] for i in layers])]  # [L+1, T, H] per chunk of positions
     ids = p.input_ids[0].tolist()
     while True:
-        new = len(ids) - p.input_ids.shape[1]
+        new = len(ids) - p.input_ids.shape[1]  # answer tokens so far
         tok = int(hold_eos(out.logits[0, -1:], torch.tensor([new]), hold, runtime.eos_token_ids).argmax())
         ids.append(tok)
-        if tok in runtime.eos_token_ids or len(ids) - p.input_ids.shape[1] == cfg.max_new_tokens:
+        if tok in runtime.eos_token_ids or new + 1 == cfg.max_new_tokens:
             break
         out = runtime.step(state, torch.tensor([[tok]]), layers=layers)
         hidden.append(torch.stack([out.hidden[i][0] for i in layers]))

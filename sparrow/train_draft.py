@@ -192,6 +192,18 @@ def mtp_loss(draft: Draft, batch: dict, k: int, counts: torch.Tensor | None = No
     return torch.stack(losses).mean(), torch.stack(correct, -1)
 
 
+def backward_batches(draft: Draft, batches: list[dict], k: int) -> float:
+    """Backpropagate one step's micro-batches, each divided by the label counts of all of them, so
+    the gradients are those of the one batch they make up. Returns that batch's loss."""
+    counts = sum(label_counts(b) for b in batches)  # [k]
+    loss = 0.0
+    for batch in batches:
+        part, _ = mtp_loss(draft, batch, k, counts)
+        part.backward()
+        loss += part.item()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(draft: Draft, recs: list[dict], k: int, batch_size: int = 16) -> dict:
     """Per-step accuracy and the chain's expected accepted length 1 + sum_s P(steps 1..s all right)."""
@@ -274,13 +286,8 @@ def train_draft(target: Target, cfg: DraftTrainConfig, data_dir: str | Path, wor
     t0 = time.perf_counter() - elapsed
     while step < total:
         batches = [make_batch(g, cfg.draft, cfg.mtp_steps) for g in _pick_batch(cfg, step, train, long_train, rng)]
-        counts = sum(label_counts(b) for b in batches)  # [k]
         opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for batch in batches:
-            part, _ = mtp_loss(draft, batch, cfg.mtp_steps, counts)
-            part.backward()
-            loss += part.item()
+        loss = backward_batches(draft, batches, cfg.mtp_steps)
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -12,7 +12,7 @@ from sparrow.draft_data import DraftDataConfig, record
 from sparrow.generate import generate_ar
 from sparrow.runtime import Runtime
 from sparrow.target import Target
-from sparrow.train_draft import DraftTrainConfig, label_counts, make_batch, mtp_loss, train_draft
+from sparrow.train_draft import DraftTrainConfig, backward_batches, make_batch, train_draft
 
 LAYERS = (1, 2, 3)
 
@@ -97,13 +97,7 @@ def test_micro_batches_add_up_to_the_whole_batch(target, attend):
 
     def grads(groups):
         draft.zero_grad()
-        batches = [make_batch(g, cfg, 3) for g in groups]
-        counts = sum(label_counts(b) for b in batches)
-        total = 0.0
-        for b in batches:
-            loss, _ = mtp_loss(draft, b, 3, counts)
-            loss.backward()
-            total += loss.item()
+        total = backward_batches(draft, [make_batch(g, cfg, 3) for g in groups], 3)
         return total, [p.grad.clone() for p in draft.parameters() if p.grad is not None]
 
     whole, g_whole = grads([recs])
