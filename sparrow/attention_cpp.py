@@ -1,4 +1,5 @@
-"""The fused C++ CPU kernel for the runtime's multi-token attention (`csrc/multi_token_attention.cpp`).
+"""The fused C++ CPU ops: the runtime's multi-token attention (`csrc/multi_token_attention.cpp`) and
+the draft's one-token step (`csrc/draft_step.cpp`, see `sparrow.draft.Draft.step`).
 
 Compiled on first use with `torch.utils.cpp_extension.load` (a C++ compiler is needed, and ninja,
 a dependency of the package; the build is cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR` or
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "multi_token_attention.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multi_token_attention.cpp", "draft_step.cpp"))
 NAME = "sparrow_multi_token_attention"
 # -O3 only, no -march: the AVX-512 code is compiled per function (target attributes) and chosen at
 # run time from the CPU's flags, so one build is correct on any x86-64 (and on other CPUs the
@@ -63,8 +64,9 @@ def load(verbose: bool = False):
         if "error" in _state:
             raise _state["error"]
         try:
-            if not SOURCE.is_file():
-                raise AttentionBuildError(f"the C++ source is missing: {SOURCE} (reinstall the package)")
+            missing = [str(s) for s in SOURCES if not s.is_file()]
+            if missing:
+                raise AttentionBuildError(f"the C++ sources are missing: {missing} (reinstall the package)")
             if compiler() is None:
                 raise AttentionBuildError("no C++ compiler found (install g++, e.g. `apt-get install g++`, "
                                           "or set CXX); SPARROW_ATTENTION=torch uses the torch implementation")
@@ -72,10 +74,10 @@ def load(verbose: bool = False):
             from torch.utils.cpp_extension import load as cpp_load
 
             try:
-                cpp_load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                cpp_load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                          is_python_module=False, verbose=verbose)
             except Exception as e:  # compiler errors, missing headers, a bad cached build
-                raise AttentionBuildError(f"building {SOURCE.name} failed: {e}") from e
+                raise AttentionBuildError(f"building {', '.join(s.name for s in SOURCES)} failed: {e}") from e
             torch.library.register_fake("sparrow::multi_token_attention")(_fake)
             _state["op"] = torch.ops.sparrow.multi_token_attention
             return _state["op"]

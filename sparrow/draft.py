@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,25 @@ from torch import nn
 from .attention import multi_token_attention
 
 ATTEND_MODES = ("window", "prefix")
+STEP_BACKENDS = ("auto", "torch", "cpp")
+
+
+def step_backend(weight: torch.Tensor) -> str:
+    """"cpp" (the fused `sparrow::draft_step` op) or "torch" (the layer, attending through the context's op).
+
+    `SPARROW_DRAFT=torch|cpp` forces one (cpp raises if the op cannot be built); by default float32
+    CPU drafts use the C++ op where it builds.
+    """
+    choice = os.environ.get("SPARROW_DRAFT", "").strip().lower() or "auto"
+    if choice not in STEP_BACKENDS:
+        raise ValueError(f"SPARROW_DRAFT must be one of {', '.join(STEP_BACKENDS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return "torch"
+    from . import attention_cpp
+
+    return "cpp" if attention_cpp.available() else "torch"
 
 
 @dataclass
@@ -177,6 +197,53 @@ class Draft(nn.Module):
         n = self.ln_mlp(x)
         return x + self.down(F.silu(self.gate(n)) * self.up(n))
 
+    def step(self, token: torch.Tensor, feat: torch.Tensor, position: int, ctx, first_pos: int,
+             prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The layer over one draft token (a 0-d token id, its feature `[1, 1, H]`) of the round at
+        `first_pos`, attending to `ctx` and to `prior` (its ancestors' keys/values `[1, Hkv, A, D]`).
+
+        Returns its output `[1, 1, H]`, its own keys/values `[1, Hkv, 1, D]` and its logits `[V]`. On
+        CPU in float32 one fused C++ call (`csrc/draft_step.cpp`), else `layer` through `ctx.attend`.
+        """
+        cfg = self.cfg
+        if step_backend(self.fuse.weight) == "cpp":
+            from .attention_cpp import load
+
+            load()
+            k_ctx, v_ctx = ctx.context_kv(first_pos, prior)  # [Hkv, n, D] each
+            x_in = torch.cat([self.embed[token], feat.reshape(-1)])  # [2H]
+            weights, final_eps = self._step_args()
+            h, k, v, logits = torch.ops.sparrow.draft_step(
+                x_in, _inv_freq(cfg.head_dim, cfg.rope_theta), position, k_ctx, v_ctx, weights, cfg.rms_norm_eps,
+                final_eps)
+            return h.view(1, 1, -1), (k.view(1, -1, 1, cfg.head_dim), v.view(1, -1, 1, cfg.head_dim)), logits
+        kept = []
+        attend = ctx.attend(first_pos, torch.ones(1, 1, dtype=torch.bool), prior)
+
+        def attend_and_keep(q, k, v):
+            kept.append((k, v))
+            return attend(q, k, v)
+
+        h = self.layer(token.view(1, 1), feat, torch.tensor([[position]]), attend_and_keep)  # [1, 1, H]
+        return h, kept[0], self.logits(h[:, 0])[0]
+
+    def _step_args(self) -> tuple[list[torch.Tensor], float]:
+        """The fused step's weights, in `csrc/draft_step.cpp`'s order, and the final norm's epsilon. Kept
+        after the first call: the parameters are updated in place (optimisers, load_state_dict, .to())."""
+        if "_step_cache" not in self.__dict__:
+            eps = getattr(self.final_norm, "variance_epsilon", getattr(self.final_norm, "eps", None))
+            if eps is None:
+                raise ValueError(f"the target's final norm ({type(self.final_norm).__name__}) names no epsilon; "
+                                 "run the draft with SPARROW_DRAFT=torch")
+            mods = (self.inp, self.ln_attn, self.q, self.k, self.v, self.o, self.ln_mlp, self.gate, self.up,
+                    self.down, self.final_norm)
+            self.__dict__["_step_cache"] = ([m.weight for m in mods] + [self.head], float(eps))
+        return self.__dict__["_step_cache"]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_step_cache", None)  # .to() / .half() replace the frozen buffers (embed, head)
+        return super()._apply(fn, *args, **kwargs)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.final_norm(h.to(self.head.dtype)), self.head)  # [B, T, V]
 
@@ -235,7 +302,13 @@ class WindowContext:
         self.ring = torch.zeros(1, cfg.window, cfg.hidden_size, dtype=dtype)  # [1, W, H]
         self.ring_pos = torch.zeros(1, cfg.window, 1, dtype=torch.float32)  # [1, W, 1]
         self.anchors = torch.zeros(1, dtype=torch.int64)
+        # Keys/values of the ring's slots `[1, Hkv, W, D]`, rotated at their positions: a slot's depend
+        # only on its feature and position, so only the slots a handoff writes are recomputed.
+        self.k_ring = torch.zeros(1, cfg.num_kv_heads, cfg.window, cfg.head_dim, dtype=dtype)
+        self.v_ring = torch.zeros_like(self.k_ring)
         self.glimpses = glimpses  # [1, G, H] or None
+        # The glimpses' keys are rotated anew each round (they sit just before its draft tokens).
+        self._glimpse_kv = draft.kv(glimpses, None) if glimpses is not None else None  # [1, Hkv, G, D] each
         self._kv = None  # (first_pos, keys, values, valid slots) of the current round
 
     def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor) -> None:
@@ -243,29 +316,57 @@ class WindowContext:
         from .plugins.ops import handoff
 
         n = torch.tensor([feats.shape[1]])
+        before = int(self.anchors)
         handoff(self.ring_pos, positions.to(torch.float32)[..., None], n, self.anchors.clone(), text_mask)
         self.anchors = handoff(self.ring, feats.to(self.ring.dtype), n, self.anchors, text_mask)
+        w, written = self.draft.cfg.window, int(self.anchors) - before
+        slots = torch.tensor([(before + i) % w for i in range(max(0, written - w), written)], dtype=torch.long)
+        if len(slots):
+            k, v = self.draft.kv(self.ring[:, slots], self.ring_pos[:, slots, 0])  # [1, Hkv, len(slots), D]
+            self.k_ring[:, :, slots] = k
+            self.v_ring[:, :, slots] = v
         self._kv = None
 
-    def attend(self, first_pos: int, mask: torch.Tensor):
-        """The attention callable for draft tokens at `first_pos`.. under `mask` `[T, T]` over themselves."""
+    def attend(self, first_pos: int, mask: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The attention callable for draft tokens of the round at `first_pos`.. under `mask` `[T, T]` over
+        themselves; `prior`: keys/values `[1, Hkv, A, D]` of earlier draft tokens they all see (ancestors)."""
         from .plugins.ops import window_attention
 
-        if self._kv is None or self._kv[0] != first_pos:  # once per round: the window only changes at handoff
-            k_win, v_win = self.draft.kv(self.ring, self.ring_pos[..., 0])  # [1, Hkv, W, D] each
-            valid = self.anchors.clamp(max=self.draft.cfg.window)
-            if self.glimpses is not None:
-                # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
-                kg, vg = self.draft.kv(self.glimpses, torch.full(self.glimpses.shape[:2], first_pos - 1))
-                k_win, v_win = torch.cat([kg, k_win], 2), torch.cat([vg, v_win], 2)  # [1, Hkv, G + W, D]
-                valid = valid + kg.shape[2]
-            self._kv = (first_pos, k_win, v_win, valid)
-        _, k_win, v_win, valid = self._kv
+        k_win, v_win, valid = self._round(first_pos)
+        if prior is not None:  # ancestors join the window's valid slots: every new token sees them
+            n = int(valid)
+            k_win, v_win = torch.cat([k_win[:, :, :n], prior[0]], 2), torch.cat([v_win[:, :, :n], prior[1]], 2)
+            valid = valid + prior[0].shape[2]
 
         def fn(q, k, v):
             return window_attention(q, k_win, v_win, valid, k, v, mask)
 
         return fn
+
+    def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """What one draft token of the round at `first_pos` attends besides itself, as keys/values
+        `[Hkv, n, D]`: the glimpses, the valid window slots and `prior` (its ancestors)."""
+        k_win, v_win, valid = self._round(first_pos)
+        n = int(valid)
+        k, v = k_win[0, :, :n], v_win[0, :, :n]  # [Hkv, n, D]
+        if prior is not None:
+            k, v = torch.cat([k, prior[0][0]], 1), torch.cat([v, prior[1][0]], 1)
+        return k, v
+
+    def _round(self, first_pos: int):
+        """Keys/values `[1, Hkv, G + W, D]` of the glimpses and window slots, and the valid count `[1]`;
+        computed once per round: the window only changes at handoff."""
+        if self._kv is None or self._kv[0] != first_pos:
+            k_win, v_win = self.k_ring, self.v_ring
+            valid = self.anchors.clamp(max=self.draft.cfg.window)
+            if self.glimpses is not None:
+                # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
+                kg, vg = self._glimpse_kv
+                kg = rotate(kg, torch.full(kg.shape[2:3], first_pos - 1), self.draft.cfg.rope_theta)
+                k_win, v_win = torch.cat([kg, k_win], 2), torch.cat([vg, v_win], 2)  # [1, Hkv, G + W, D]
+                valid = valid + kg.shape[2]
+            self._kv = (first_pos, k_win, v_win, valid)
+        return self._kv[1:]
 
 
 class PrefixContext:
@@ -288,16 +389,31 @@ class PrefixContext:
         self.v[:, self.length:self.length + t] = v[0]
         self.length += t
 
-    def attend(self, first_pos: int, mask: torch.Tensor):
+    def attend(self, first_pos: int, mask: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """As `WindowContext.attend`, over the whole prefix."""
         def fn(q, k, v):
             t = k.shape[2]
-            end = self.length + t
+            if prior is not None:
+                k, v = torch.cat([prior[0], k], 2), torch.cat([prior[1], v], 2)  # [1, Hkv, A + T, D]
+            past = self.length + k.shape[2] - t
+            end = past + t
             if end > self.k.shape[1]:
                 raise ValueError(f"draft prefix cache full: {end} > {self.k.shape[1]}")
             self.k[:, self.length:end] = k[0]  # scratch past the prefix, overwritten next call
             self.v[:, self.length:end] = v[0]
             scale = q.shape[-1] ** -0.5
-            return multi_token_attention(q[0], self.k, self.v, self.length, mask | torch.eye(t, dtype=torch.bool),
+            return multi_token_attention(q[0], self.k, self.v, past, mask | torch.eye(t, dtype=torch.bool),
                                          scale)[None]
 
         return fn
+
+    def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """As `WindowContext.context_kv`: the prefix and `prior` (written to the scratch past it), `[Hkv, n, D]`."""
+        n = self.length
+        if prior is not None:
+            n += prior[0].shape[2]
+            if n > self.k.shape[1]:
+                raise ValueError(f"draft prefix cache full: {n} > {self.k.shape[1]}")
+            self.k[:, self.length:n] = prior[0][0]
+            self.v[:, self.length:n] = prior[1][0]
+        return self.k[:, :n], self.v[:, :n]

@@ -2,8 +2,9 @@
 
 A chain of K tokens is the tree whose every node has one child, so chain and tree share one loop:
 
-    draft:   the draft layer runs level by level over the tree (its own tokens under the tree mask,
-             plus its context: Sparrow's text-anchor window and glimpses, or EAGLE's whole prefix)
+    draft:   the draft layer runs once per inner node, parents first, over that node's token and
+             feature, attending to its context (Sparrow's text-anchor window and glimpses, or
+             EAGLE's whole prefix) and to its ancestors' keys/values kept from when they ran
     verify:  one target forward over [last committed token, drafted nodes] with the ancestor mask
     accept:  greedy: walk the tree along the target's argmax; sampling (chains): accept d with
              probability min(1, p(d) / q(d)), resample a rejection from normalise(max(p - q, 0))
@@ -93,6 +94,14 @@ class TokenTree:
             m[i] |= m[self.parents[i]]
         return m
 
+    def ancestors(self, i: int) -> list[int]:
+        """Node i's ancestors, root first."""
+        line = []
+        while self.parents[i] >= 0:
+            i = self.parents[i]
+            line.append(i)
+        return line[::-1]
+
     def children(self) -> list[dict[int, int]]:
         """children()[i] maps rank -> child node."""
         out: list[dict[int, int]] = [{} for _ in range(self.size)]
@@ -121,34 +130,34 @@ def new_context(draft: Draft, hidden: dict[int, torch.Tensor], visual_mask: torc
 @torch.inference_mode()
 def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.Tensor, root_pos: int,
                temperature: float = 0.0, gen: torch.Generator | None = None):
-    """Fill the tree's tokens level by level. Returns tokens `[N]` and, when sampling, the draft's
-    probabilities `[N, V]` (row i: the distribution node i's token was drawn from)."""
-    depths = tree.depths()
-    tokens = torch.zeros(tree.size, dtype=torch.long)
+    """Fill the tree's tokens, parents before children. The draft layer runs once per node that has
+    children, over that node alone, attending to its context and its ancestors: a node's output
+    depends only on its own input and its ancestors' keys/values, which are kept from when they ran,
+    so no node is computed twice. Returns tokens `[N]` and, when sampling, the draft's probabilities
+    `[N, V]` (row i: the distribution node i's token was drawn from)."""
+    depths = tree.depths().tolist()
+    tokens = torch.zeros(tree.size, dtype=torch.long)  # [N]
     tokens[0] = root
-    feats = torch.zeros(1, tree.size, root_feat.shape[-1], dtype=root_feat.dtype)  # [1, N, H]
-    feats[0, 0] = root_feat.reshape(-1)
+    feats = {0: root_feat.reshape(1, 1, -1)}  # node -> its input feature [1, 1, H]
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # node -> its keys, values [1, Hkv, 1, D]
     probs = torch.zeros(tree.size, draft.cfg.vocab_size) if temperature > 0 else None
-    mask, children = tree.mask(), tree.children()
-    for level in range(int(depths.max())):
-        n = int((depths <= level).sum())  # nodes are ordered by depth: levels 0..level come first
-        h = draft.layer(tokens[None, :n], feats[:, :n], (root_pos + depths[:n])[None],
-                        ctx.attend(root_pos, mask[:n, :n]))  # [1, n, H]
-        for i in torch.nonzero(depths[:n] == level).flatten().tolist():
-            if not children[i]:
-                continue
-            logits = draft.logits(h[:, i])[0]  # [V]
-            if temperature > 0:
-                q = torch.softmax(logits.float() / temperature, -1)
-                (child,) = children[i].values()  # sampling drafts are chains
-                tokens[child] = torch.multinomial(q, 1, generator=gen)
-                probs[child] = q
-            else:
-                top = torch.topk(logits, max(children[i]) + 1).indices
-                for rank, child in children[i].items():
-                    tokens[child] = top[rank]
-            for child in children[i].values():
-                feats[0, child] = h[0, i]
+    for i, children in enumerate(tree.children()):
+        if not children:
+            continue
+        line = tree.ancestors(i)
+        prior = tuple(torch.cat([kv[a][j] for a in line], 2) for j in (0, 1)) if line else None  # [1, Hkv, A, D]
+        h, kv[i], logits = draft.step(tokens[i], feats[i], root_pos + depths[i], ctx, root_pos, prior)
+        if temperature > 0:
+            q = torch.softmax(logits.float() / temperature, -1)
+            (child,) = children.values()  # sampling drafts are chains
+            tokens[child] = torch.multinomial(q, 1, generator=gen)
+            probs[child] = q
+        else:
+            top = torch.topk(logits, max(children) + 1).indices
+            for rank, child in children.items():
+                tokens[child] = top[rank]
+        for child in children.values():
+            feats[child] = h
     return tokens, probs
 
 

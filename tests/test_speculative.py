@@ -9,7 +9,8 @@ from sparrow.draft import Draft, DraftConfig
 from sparrow.draft_data import DraftDataConfig, record
 from sparrow.generate import generate_ar
 from sparrow.runtime import Runtime
-from sparrow.speculative import (TokenTree, accept_greedy, accept_sampled, generate_speculative, new_context)
+from sparrow.speculative import (TokenTree, accept_greedy, accept_sampled, draft_tree, generate_speculative,
+                                 new_context)
 from sparrow.target import Target
 from sparrow.train_draft import make_batch, mtp_loss, rollout_logits
 
@@ -147,8 +148,6 @@ def test_window_never_holds_visual_positions(tiny, trained):
 
 
 def _draft(draft, ctx, tree, root_feat, p):
-    from sparrow.speculative import draft_tree
-
     return draft_tree(draft, ctx, tree, 5, root_feat, p.input_ids.shape[1])
 
 
@@ -282,3 +281,107 @@ def test_streaming_callbacks_deliver_every_token_once(tiny, trained):
     singles = []
     ar = generate_ar(runtime, f, PROMPT, max_new_tokens=30, on_tokens=singles.append)
     assert singles == [[t] for t in ar.token_ids]
+
+
+def _draft_by_levels(draft, ctx, tree, root, root_feat, root_pos):
+    """The plain way to fill a tree: each level reruns the layer over every node so far under the tree mask."""
+    depths, mask, children = tree.depths(), tree.mask(), tree.children()
+    tokens = torch.zeros(tree.size, dtype=torch.long)
+    tokens[0] = root
+    feats = torch.zeros(1, tree.size, root_feat.shape[-1])  # [1, N, H]
+    feats[0, 0] = root_feat.reshape(-1)
+    for level in range(int(depths.max())):
+        n = int((depths <= level).sum())
+        h = draft.layer(tokens[None, :n], feats[:, :n], (root_pos + depths[:n])[None],
+                        ctx.attend(root_pos, mask[:n, :n]))  # [1, n, H]
+        for i in torch.nonzero(depths[:n] == level).flatten().tolist():
+            if children[i]:
+                top = torch.topk(draft.logits(h[:, i])[0], max(children[i]) + 1).indices
+                for rank, child in children[i].items():
+                    tokens[child] = top[rank]
+                    feats[0, child] = h[0, i]
+    return tokens
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("tree", [TokenTree.chain(4), TokenTree.spine(3, 2),
+                                  TokenTree.from_paths([(0,), (1,), (0, 0), (1, 0), (1, 1), (1, 0, 0)])])
+def test_draft_tree_runs_each_node_once_and_equals_the_plain_way(tiny, trained, tree, backend, monkeypatch):
+    """draft_tree (one layer run per inner node, ancestors' keys/values kept) fills the tree as rerunning
+    the layer over the whole tree level by level does, on both draft backends."""
+    monkeypatch.setenv("SPARROW_DRAFT", backend)
+    _, runtime, _ = tiny
+    draft, _ = trained
+    for seed in (6, 7):
+        p = runtime.prepare(_frames(seed), PROMPT)
+        state, out = runtime.prefill(p, layers=draft.cfg.target_layers)
+        ctx, feats = new_context(draft, out.hidden, p.visual_mask, 512)
+        with torch.no_grad():
+            want = _draft_by_levels(draft, ctx, tree, 5, feats[:, -1:], state.length)
+        got, _ = draft_tree(draft, ctx, tree, 5, feats[:, -1:], state.length)
+        assert torch.equal(got, want)
+
+
+def test_fused_draft_step_matches_the_layer(tiny, trained, monkeypatch):
+    """The C++ draft step (csrc/draft_step.cpp) against the layer through the context's attention op, on
+    random tokens, features, positions and ancestors; the window context after handoffs too."""
+    from sparrow import attention_cpp
+
+    if not attention_cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    _, runtime, _ = tiny
+    draft, _ = trained
+    cfg = draft.cfg
+    g = torch.Generator().manual_seed(0)
+    p = runtime.prepare(_frames(8), PROMPT)
+    state, out = runtime.prefill(p, layers=cfg.target_layers)
+    ctx, feats = new_context(draft, out.hidden, p.visual_mask, 512)
+    for trial in range(6):
+        if trial % 2:  # a handoff between rounds: new window slots (Sparrow) or prefix rows (EAGLE)
+            extra = torch.randn(1, 3, cfg.hidden_size, generator=g)
+            pos = state.length + trial * 3 + torch.arange(3)[None]
+            ctx.extend(extra, pos, torch.ones(1, 3, dtype=torch.bool))
+        first = state.length + 10 * trial
+        token = torch.randint(cfg.vocab_size, (), generator=g)
+        feat = torch.randn(1, 1, cfg.hidden_size, generator=g)
+        a = trial % 4
+        prior = (tuple(torch.randn(1, cfg.num_kv_heads, a, cfg.head_dim, generator=g) for _ in range(2))
+                 if a else None)
+        outs = {}
+        for backend in ("torch", "cpp"):
+            monkeypatch.setenv("SPARROW_DRAFT", backend)
+            with torch.no_grad():
+                outs[backend] = draft.step(token, feat, first + a, ctx, first, prior)
+        (h0, (k0, v0), l0), (h1, (k1, v1), l1) = outs["torch"], outs["cpp"]
+        for x, y in ((h0, h1), (k0, k1), (v0, v1), (l0, l1)):
+            assert x.shape == y.shape
+            torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_draft_step_names_bad_input():
+    from sparrow import attention_cpp
+
+    if not attention_cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    h, d, hkv = 16, 8, 2
+    weights = [torch.zeros(s) for s in ((h, 2 * h), (h,), (2 * d * hkv, h), (hkv * d, h), (hkv * d, h),
+                                         (h, 2 * d * hkv), (h,), (32, h), (32, h), (h, 32), (h,), (10, h))]
+    inv = torch.ones(d // 2)
+    ctx = torch.zeros(hkv, 3, d)
+    out = torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx, weights, 1e-6, 1e-6)
+    assert [t.shape for t in out] == [(h,), (hkv * d,), (hkv * d,), (10,)]
+    with pytest.raises(RuntimeError, match="ctx_v must be"):
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, torch.zeros(hkv, 4, d), weights, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="gate must be"):
+        bad = weights[:7] + [torch.zeros(32, h + 1)] + weights[8:]
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx, bad, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="x_in must be a float32"):
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h, dtype=torch.float64), inv, 0, ctx, ctx, weights, 1e-6, 1e-6)
+
+
+def test_draft_backend_env_rejects_unknown(monkeypatch):
+    from sparrow.draft import step_backend
+
+    monkeypatch.setenv("SPARROW_DRAFT", "fast")
+    with pytest.raises(ValueError, match="SPARROW_DRAFT"):
+        step_backend(torch.zeros(1))

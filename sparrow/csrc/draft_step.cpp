@@ -1,0 +1,189 @@
+// One draft step, fused: the semantics of Draft.layer + Draft.logits (sparrow/draft.py) for one new
+// token whose attention context is given, float32 CPU tensors.
+//
+// speculative.draft_tree runs the draft layer once per inner node of the draft tree, one token at a
+// time. From Python each run is ~100 small tensor ops whose per-op overhead, not arithmetic, was the
+// draft's whole cost on CPU (a 5-token chain took 12-16 ms on the demo draft, for ~4 MB of weights to
+// read per token). Here it is one call of plain loops (weights read once, by matrix-vector products
+// split across threads; norms, rotary, attention and the MLP gate in place), so a step costs about
+// its weight reads.
+//
+// x_in [2H] = [token embedding; feature]; inv_freq [D/2] (rotary, rotate-half layout); position: the
+// token's rotary position; ctx_k / ctx_v [Hkv, n, D]: the rotated keys and values it attends besides
+// itself (Sparrow: glimpses, text-anchor window, ancestors; EAGLE: the whole prefix, ancestors);
+// weights: inp [H, 2H], ln_attn [H], q [Hq*D, H], k [Hkv*D, H], v [Hkv*D, H], o [H, Hq*D],
+// ln_mlp [H], gate [I, H], up [I, H], down [H, I], final_norm [H], head [V, H].
+// Returns h [H] (the layer's output residual stream), k, v [Hkv, D] (its own rotated key, value) and
+// logits [V]. Query head h pairs with KV head h / G (transformers' repeat_kv).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SPARROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPARROW_CLONES
+#endif
+
+namespace {
+
+constexpr int64_t NUM_WEIGHTS = 12;
+constexpr int64_t GEMV_GRAIN = 128;  // output rows per task: a 256x768 product splits in two, a small one not
+
+SPARROW_CLONES void gemv_rows(const float* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = w + r * k;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < k; ++i) acc += row[i] * x[i];
+    y[r] = acc;
+  }
+}
+
+// y [N] = W [N, K] x [K]
+void gemv(const at::Tensor& w, const float* x, float* y) {
+  const float* wp = w.data_ptr<float>();
+  const int64_t k = w.size(1);
+  at::parallel_for(0, w.size(0), GEMV_GRAIN, [&](int64_t r0, int64_t r1) { gemv_rows(wp, x, y, k, r0, r1); });
+}
+
+SPARROW_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w (in place allowed)
+void rms_norm(const float* x, const float* w, double eps, float* out, int64_t n) {
+  const float r = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+// Rotate-half rotary embedding of `heads` vectors of D in place; cos/sin [D/2].
+void rotate(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i] + a * sin[i];
+    }
+  }
+}
+
+void check(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "sparrow::draft_step: ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "sparrow::draft_step: ", name, " must be ", at::IntArrayRef(shape),
+              ", got ", t.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
+    const at::Tensor& x_in, const at::Tensor& inv_freq, int64_t position, const at::Tensor& ctx_k_in,
+    const at::Tensor& ctx_v_in, at::TensorList weights, double eps, double final_eps) {
+  TORCH_CHECK(weights.size() == NUM_WEIGHTS, "sparrow::draft_step: expected ", NUM_WEIGHTS, " weights, got ",
+              weights.size());
+  const int64_t h = weights[0].size(0), d = 2 * inv_freq.size(0), hkv = ctx_k_in.size(0),
+                hq = weights[2].size(0) / d, inter = weights[7].size(0), vocab = weights[11].size(0);
+  TORCH_CHECK(ctx_k_in.dim() == 3 && hkv > 0 && hq % hkv == 0, "sparrow::draft_step: ctx_k must be [Hkv, n, D] with "
+              "Hkv dividing the query heads, got ", ctx_k_in.sizes());
+  const int64_t len = ctx_k_in.size(1), g = hq / hkv;
+  check(x_in, "x_in", {2 * h});
+  check(inv_freq, "inv_freq", {d / 2});
+  check(ctx_k_in, "ctx_k", {hkv, len, d});
+  check(ctx_v_in, "ctx_v", {hkv, len, d});
+  const char* names[NUM_WEIGHTS] = {"inp", "ln_attn", "q", "k", "v", "o", "ln_mlp", "gate", "up", "down",
+                                    "final_norm", "head"};
+  const std::vector<std::vector<int64_t>> shapes = {{h, 2 * h}, {h}, {hq * d, h}, {hkv * d, h}, {hkv * d, h},
+                                                    {h, hq * d}, {h}, {inter, h}, {inter, h}, {h, inter}, {h},
+                                                    {vocab, h}};
+  std::vector<at::Tensor> w;
+  for (int64_t i = 0; i < NUM_WEIGHTS; ++i) {
+    check(weights[i], names[i], shapes[i]);
+    w.push_back(weights[i].contiguous());
+  }
+  // The context is read in place (for EAGLE it is the whole prefix cache): only D must be contiguous.
+  const at::Tensor ctx_k = ctx_k_in.stride(2) == 1 ? ctx_k_in : ctx_k_in.contiguous();
+  const at::Tensor ctx_v = ctx_v_in.stride(2) == 1 ? ctx_v_in : ctx_v_in.contiguous();
+  const at::Tensor xin = x_in.contiguous();
+
+  auto opts = x_in.options();
+  at::Tensor out_h = at::empty({h}, opts), out_k = at::empty({hkv * d}, opts), out_v = at::empty({hkv * d}, opts),
+             logits = at::empty({vocab}, opts);
+  std::vector<float> x(h), n(h), q(hq * d), att(hq * d), tmp(h), a(inter), b(inter), cos(d / 2), sin(d / 2);
+  float *k = out_k.data_ptr<float>(), *v = out_v.data_ptr<float>(), *y = out_h.data_ptr<float>();
+
+  gemv(w[0], xin.data_ptr<float>(), x.data());  // [H]: the residual stream
+  rms_norm(x.data(), w[1].data_ptr<float>(), eps, n.data(), h);
+  gemv(w[2], n.data(), q.data());
+  gemv(w[3], n.data(), k);
+  gemv(w[4], n.data(), v);
+  const float* inv = inv_freq.data_ptr<float>();
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const float ang = static_cast<float>(position) * inv[i];
+    cos[i] = std::cos(ang);
+    sin[i] = std::sin(ang);
+  }
+  rotate(q.data(), hq, d, cos.data(), sin.data());
+  rotate(k, hkv, d, cos.data(), sin.data());
+
+  // Each query head over its KV head's context keys and its own key: one softmax over both.
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  const float *kc = ctx_k.data_ptr<float>(), *vc = ctx_v.data_ptr<float>();
+  at::parallel_for(0, hq, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(len + 1);
+    for (int64_t head = h0; head < h1; ++head) {
+      const int64_t kv = head / g;
+      const float* qh = q.data() + head * d;
+      const float* kbase = kc + kv * ctx_k.stride(0);
+      const float* vbase = vc + kv * ctx_v.stride(0);
+      float m = s[len] = dot(qh, k + kv * d, d) * scale;
+      for (int64_t j = 0; j < len; ++j) {
+        s[j] = dot(qh, kbase + j * ctx_k.stride(1), d) * scale;
+        m = std::max(m, s[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j <= len; ++j) total += (s[j] = std::exp(s[j] - m));
+      float* o = att.data() + head * d;
+      const float* own = v + kv * d;
+      for (int64_t i = 0; i < d; ++i) o[i] = s[len] * own[i];
+      for (int64_t j = 0; j < len; ++j) {
+        const float* vj = vbase + j * ctx_v.stride(1);
+        for (int64_t i = 0; i < d; ++i) o[i] += s[j] * vj[i];
+      }
+      for (int64_t i = 0; i < d; ++i) o[i] /= total;
+    }
+  });
+
+  gemv(w[5], att.data(), tmp.data());
+  for (int64_t i = 0; i < h; ++i) x[i] += tmp[i];
+  rms_norm(x.data(), w[6].data_ptr<float>(), eps, n.data(), h);
+  gemv(w[7], n.data(), a.data());
+  gemv(w[8], n.data(), b.data());
+  for (int64_t i = 0; i < inter; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];  // silu(gate) * up
+  gemv(w[9], a.data(), tmp.data());
+  for (int64_t i = 0; i < h; ++i) y[i] = x[i] + tmp[i];
+  rms_norm(y, w[10].data_ptr<float>(), final_eps, n.data(), h);
+  gemv(w[11], n.data(), logits.data_ptr<float>());
+  return {out_h, out_k, out_v, logits};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparrow, m) {
+  m.def("draft_step(Tensor x_in, Tensor inv_freq, int position, Tensor ctx_k, Tensor ctx_v, Tensor[] weights, "
+        "float eps, float final_eps) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparrow, CPU, m) {
+  m.impl("draft_step", &draft_step);
+}
