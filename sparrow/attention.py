@@ -8,7 +8,7 @@ all query rows and all heads of the group: no `repeat_kv` copy, no concatenated 
 `multi_token_attention` is the torch implementation (and the semantics). The runtime runs, per
 device: on CUDA the Triton kernel (`attention_triton`); on CPU, for steps of up to CPP_MAX_T
 tokens, the fused C++ op (`attention_cpp`, compiled on first use) where it builds and has its
-AVX-512 kernel, else this torch implementation; `SPARROW_ATTENTION=torch|cpp` forces one.
+AVX-512 or AVX2 kernel, else this torch implementation; `SPARROW_ATTENTION=torch|cpp` forces one.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def cpu_backend(query: torch.Tensor) -> str:
 
     `SPARROW_ATTENTION=torch|cpp` forces one (cpp raises if the op cannot be built); by default
     (`auto`) float32 steps of at most CPP_MAX_T tokens use the fused C++ op when it builds and runs
-    its AVX-512 kernel (its portable loops are slower than torch's matmuls), and prefill chunks and
-    other dtypes the torch implementation.
+    its AVX-512 or AVX2 kernel (its portable loops are slower than torch's matmuls), and prefill chunks
+    and other dtypes the torch implementation.
     """
     choice = os.environ.get("SPARROW_ATTENTION", "").strip().lower() or "auto"
     if choice not in BACKENDS:
@@ -82,7 +82,7 @@ def cpu_backend(query: torch.Tensor) -> str:
         return "torch"
     from . import attention_cpp
 
-    return "cpp" if attention_cpp.available() and attention_cpp.isa() == "avx512" else "torch"
+    return "cpp" if attention_cpp.available() and attention_cpp.isa() in ("avx512", "avx2") else "torch"
 
 
 def runtime_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

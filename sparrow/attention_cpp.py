@@ -7,8 +7,8 @@ a dependency of the package; the build is cached under torch's extensions folder
 `sparrow::multi_token_attention(q, k_cache, v_cache, past, tail_mask, scale)`, the semantics of
 `sparrow.attention.multi_token_attention` for float32 CPU tensors: each KV head's keys and values
 are read once for all G*T stacked query rows, the cache length is split across threads
-(flash-decoding) with a log-sum-exp merge, fp32 online softmax, AVX-512 where the CPU has it and
-portable loops elsewhere.
+(flash-decoding) with a log-sum-exp merge, fp32 online softmax, AVX-512 or AVX2 intrinsics where the
+CPU has them and portable loops elsewhere.
 
 `available()` says whether it built (never raises); `load()` builds it or raises `AttentionBuildError`
 saying why. `sparrow.attention.runtime_attention` uses it on CPU when it builds and falls back to
@@ -107,9 +107,10 @@ def multi_token_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def isa(which: str = "") -> str:
-    """The kernel the op runs for head dims that are multiples of 16: "avx512" or "portable".
+    """The kernel the op runs for head dims that are multiples of 16: "avx512", "avx2" or "portable".
 
-    `which` = "portable" forces the portable loops, "auto" restores the choice by CPU flags.
+    `which` = "portable" or "avx2" forces that kernel (raises where the CPU lacks it), "auto" restores
+    the choice by CPU flags.
     """
     load()
     return torch.ops.sparrow.multi_token_attention_isa(which)

@@ -16,9 +16,10 @@
 // prefetched a line at a time from inside the compute loops: without that, a long cache costs the
 // memory time plus the compute time instead of the larger of the two.
 //
-// Two implementations, chosen at run time: AVX-512 intrinsics (when the CPU has avx512f + avx512dq
-// and D % 16 == 0) and portable loops the compiler vectorises (built for x86-64-v3 and the baseline
-// on x86-64 Linux). The build needs no -march flag, so one build runs on any CPU.
+// Three implementations, chosen at run time: AVX-512 intrinsics (when the CPU has avx512f + avx512dq
+// and D % 16 == 0), AVX2 + FMA intrinsics (the same structure in 8 lanes, D % 8 == 0), and portable
+// loops the compiler vectorises (built for x86-64-v3 and the baseline on x86-64 Linux). The build
+// needs no -march flag, so one build runs on any CPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -366,19 +367,181 @@ SPARROW_AVX512 void block_avx512(const Problem& p, const TaskBuffers& b, const f
   pf.finish();
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA implementation: the AVX-512 one's structure in 8-lane registers (16 of them, so
+// tiles hold 8 accumulators). Used where the CPU lacks AVX-512 and D % 8 == 0.
+
+#define SPARROW_AVX2 __attribute__((target("avx2,fma")))
+
+SPARROW_AVX2 inline float hsum8(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+SPARROW_AVX2 inline float hmax8(__m256 x) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Lane i of the result is the sum of the 8 lanes of a[i].
+SPARROW_AVX2 inline __m256 transpose_reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  // t0 = [a0..a3 sums over lanes 0-3 | a0..a3 over lanes 4-7], t1 the same for a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// Scores of NR rows x (8 / NR) keys: 8 dot products over D, one transpose-reduce.
+template <int NR>
+SPARROW_AVX2 inline void scores_tile8(const Problem& p, const float* q, const float* k, float* s, Prefetcher& pf) {
+  constexpr int NK = 8 / NR;
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < p.d; c += 8) {
+    pf.step();
+    __m256 kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = _mm256_loadu_ps(k + j * p.k_st + c);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q + r * p.d + c);
+      for (int j = 0; j < NK; ++j) acc[r * NK + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * NK + j]);
+    }
+  }
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, transpose_reduce8(acc));
+  for (int r = 0; r < NR; ++r) std::memcpy(s + r * BLOCK, sums + r * NK, NK * sizeof(float));
+}
+
+SPARROW_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+  return hsum8(acc);
+}
+
+SPARROW_AVX2 void scores_avx2(const Problem& p, const float* q, const float* k, int64_t nb, float* s,
+                              Prefetcher& pf) {
+  int64_t j = 0;
+  for (; j + 8 <= nb; j += 8) {  // each key row is loaded into L1 once for all row tiles
+    const float* kj = k + j * p.k_st;
+    int64_t row = 0;
+    for (; row + 4 <= p.r; row += 4) {
+      for (int i = 0; i < 8; i += 2) scores_tile8<4>(p, q + row * p.d, kj + i * p.k_st, s + row * BLOCK + j + i, pf);
+    }
+    for (; row + 2 <= p.r; row += 2) {
+      for (int i = 0; i < 8; i += 4) scores_tile8<2>(p, q + row * p.d, kj + i * p.k_st, s + row * BLOCK + j + i, pf);
+    }
+    for (; row < p.r; ++row) scores_tile8<1>(p, q + row * p.d, kj, s + row * BLOCK + j, pf);
+  }
+  for (; j < nb; ++j) {
+    for (int64_t row = 0; row < p.r; ++row) s[row * BLOCK + j] = dot_avx2(q + row * p.d, k + j * p.k_st, p.d);
+  }
+}
+
+// exp2_portable with AVX2: 2^x for x <= 0, 0 below -126 (and for -inf).
+SPARROW_AVX2 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);  // [-0.5, 0.5]
+  __m256 y = _mm256_set1_ps(EXP2_POLY[6]);
+  for (int i = 5; i >= 0; --i) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(EXP2_POLY[i]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), live);
+}
+
+// As softmax_avx512. Scores past nb are set to -inf first, so whole vectors can be read.
+SPARROW_AVX2 void softmax_avx2(const Problem& p, const TaskBuffers& b, int64_t nb) {
+  float* alpha = b.alpha;
+  const int64_t nv = (nb + 7) / 8 * 8;
+  for (int64_t row = 0; row < p.r; ++row) {
+    float* s = b.s + row * BLOCK;
+    std::fill(s + nb, s + nv, NEG_INF);
+    __m256 mx = _mm256_set1_ps(NEG_INF);
+    for (int64_t j = 0; j < nv; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+    if (!advance_max(b.m[row], hmax8(mx), alpha[row])) {
+      std::fill(s, s + nb, 0.0f);
+      continue;
+    }
+    const __m256 m = _mm256_set1_ps(b.m[row]);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nv; j += 8) {
+      const __m256 e = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+      _mm256_storeu_ps(s + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    b.l[row] = b.l[row] * alpha[row] + hsum8(sum);
+  }
+}
+
+// O[rows, c0 : c0 + 8 NV] = O * alpha + P[rows, :nb] V[:nb, c0 : c0 + 8 NV], in registers.
+template <int NR, int NV>
+SPARROW_AVX2 inline void pv_tile8(const Problem& p, float* o, const float* alpha, const float* w, const float* v,
+                                  int64_t nb, int64_t c0, Prefetcher& pf) {
+  __m256 acc[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    const __m256 a = _mm256_set1_ps(alpha[r]);
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_mul_ps(a, _mm256_loadu_ps(o + r * p.d + c0 + 8 * i));
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    for (int i = 0; i < PREFETCH_PER_KEY_PV; ++i) pf.step();
+    __m256 vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = _mm256_loadu_ps(v + j * p.v_st + c0 + 8 * i);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wr = _mm256_set1_ps(w[r * BLOCK + j]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(wr, vv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + r * p.d + c0 + 8 * i, acc[r][i]);
+  }
+}
+
+template <int NR, int NV>
+SPARROW_AVX2 void pv_rows8(const Problem& p, const TaskBuffers& b, int64_t row, const float* v, int64_t nb,
+                           Prefetcher& pf) {
+  float* o = b.o + row * p.d;
+  const float* alpha = b.alpha + row;
+  const float* w = b.s + row * BLOCK;
+  int64_t c = 0;
+  for (; c + 8 * NV <= p.d; c += 8 * NV) pv_tile8<NR, NV>(p, o, alpha, w, v, nb, c, pf);
+  for (; c < p.d; c += 8) pv_tile8<NR, 1>(p, o, alpha, w, v, nb, c, pf);
+}
+
+SPARROW_AVX2 void block_avx2(const Problem& p, const TaskBuffers& b, const float* q, const float* k, const float* v,
+                             int64_t k0, int64_t nb) {
+  Prefetcher pf(p, k, v, k0 + PREFETCH_AHEAD * BLOCK);
+  k += k0 * p.k_st;
+  v += k0 * p.v_st;
+  scores_avx2(p, q, k, nb, b.s, pf);
+  apply_tail_mask(p, b.s, k0, nb);
+  softmax_avx2(p, b, nb);
+  int64_t row = 0;
+  for (; row + 4 <= p.r; row += 4) pv_rows8<4, 2>(p, b, row, v, nb, pf);
+  for (; row + 2 <= p.r; row += 2) pv_rows8<2, 4>(p, b, row, v, nb, pf);
+  for (; row < p.r; ++row) pv_rows8<1, 4>(p, b, row, v, nb, pf);
+  pf.finish();
+}
+
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 }
 
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
 #else
 bool cpu_has_avx512() { return false; }
+bool cpu_has_avx2() { return false; }
 #endif
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch, tasks and merge.
 
-enum class Isa : int { Portable = 0, Avx512 = 1 };
+enum class Isa : int { Portable = 0, Avx512 = 1, Avx2 = 2 };
 
 std::atomic<int>& isa_override() {  // -1: pick by CPU
   static std::atomic<int> value{-1};
@@ -388,8 +551,9 @@ std::atomic<int>& isa_override() {  // -1: pick by CPU
 Isa pick_isa(int64_t d) {
   const int forced = isa_override().load();
   if (forced == static_cast<int>(Isa::Portable)) return Isa::Portable;
-  static const bool avx512 = cpu_has_avx512();
-  return avx512 && d % 16 == 0 ? Isa::Avx512 : Isa::Portable;
+  static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2();
+  if (avx512 && d % 16 == 0 && forced != static_cast<int>(Isa::Avx2)) return Isa::Avx512;
+  return avx2 && d % 8 == 0 ? Isa::Avx2 : Isa::Portable;
 }
 
 // One task: KV head h, keys [k0, k1) -> unnormalised output, max and sum per row.
@@ -406,6 +570,10 @@ void run_task(const Problem& p, Isa isa, const TaskBuffers& b, int64_t h, int64_
 #if SPARROW_X86
     if (isa == Isa::Avx512) {
       block_avx512(p, b, q, k, v, k0b, nb);
+      continue;
+    }
+    if (isa == Isa::Avx2) {
+      block_avx2(p, b, q, k, v, k0b, nb);
       continue;
     }
 #endif
@@ -497,18 +665,25 @@ at::Tensor multi_token_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
   return out;
 }
 
-// "auto" (by CPU), "portable" or "avx512" (only where the CPU has it): returns the ISA the op
-// uses for head dims that are a multiple of 16.
+// "auto" (the best the CPU has), "portable", "avx2" or "avx512" (only where the CPU has it): returns the
+// ISA the op uses for head dims that are a multiple of 16.
 std::string attention_isa(const std::string& which) {
   if (which == "portable") {
     isa_override().store(static_cast<int>(Isa::Portable));
+  } else if (which == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "this CPU has no AVX2 + FMA");
+    isa_override().store(static_cast<int>(Isa::Avx2));
   } else if (which == "auto" || which == "avx512") {
     TORCH_CHECK(which == "auto" || cpu_has_avx512(), "this CPU has no AVX-512 (avx512f + avx512dq)");
     isa_override().store(-1);
   } else if (which != "") {
-    TORCH_CHECK(false, "isa must be auto, portable or avx512, got ", which);
+    TORCH_CHECK(false, "isa must be auto, portable, avx2 or avx512, got ", which);
   }
-  return pick_isa(16) == Isa::Avx512 ? "avx512" : "portable";
+  switch (pick_isa(16)) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 }  // namespace
