@@ -1,5 +1,6 @@
-"""The fused C++ CPU ops: the runtime's multi-token attention (`csrc/multi_token_attention.cpp`) and
-the draft's one-token step (`csrc/draft_step.cpp`, see `sparrow.draft.Draft.step`).
+"""The fused C++ CPU ops: the runtime's multi-token attention (`csrc/multi_token_attention.cpp`),
+the draft's one-token step (`csrc/draft_step.cpp`, see `sparrow.draft.Draft.step`) and small-M linear
+layers (`csrc/linear.cpp`, see `sparrow.runtime.small_m_linears`).
 
 Compiled on first use with `torch.utils.cpp_extension.load` (a C++ compiler is needed, and ninja,
 a dependency of the package; the build is cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR` or
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multi_token_attention.cpp", "draft_step.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multi_token_attention.cpp", "draft_step.cpp",
+                                                                          "linear.cpp"))
 NAME = "sparrow_multi_token_attention"
 # -O3 only, no -march: the AVX-512 code is compiled per function (target attributes) and chosen at
 # run time from the CPU's flags, so one build is correct on any x86-64 (and on other CPUs the

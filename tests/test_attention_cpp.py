@@ -1,4 +1,4 @@
-"""The fused C++ CPU attention op against the plain reference, and the runtime's choice of backend."""
+"""The fused C++ CPU ops against plain references (attention, small-M linear), and the runtime's choice of backend."""
 
 import pytest
 import torch
@@ -107,3 +107,56 @@ def test_backend_env_rejects_unknown(monkeypatch):
     monkeypatch.setenv("SPARROW_ATTENTION", "fast")
     with pytest.raises(ValueError, match="SPARROW_ATTENTION"):
         attention.cpu_backend(torch.zeros(1, 4, 6, 64))
+
+
+@pytest.mark.parametrize("k", [256, 768, 20])  # 20: not a multiple of 8 (the portable loop)
+@pytest.mark.parametrize("n", [256, 62, 3])  # 62, 3: column tails past the 4-column tiles
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_matches_linear(k, n, bias):
+    attention_cpp.load()
+    g = torch.Generator().manual_seed(k + n + bias)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(3, 16, k, generator=g)[:, ::3]  # [3, 6, K], rows not contiguous
+    y = torch.ops.sparrow.small_linear(x, w, b)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    for m in range(1, 8):  # a row's result does not depend on how many rows share the call
+        rows = x.reshape(-1, k)[:m]
+        assert torch.equal(torch.ops.sparrow.small_linear(rows, w, b)[0], torch.ops.sparrow.small_linear(rows[:1], w, b)[0])
+
+
+def test_small_linear_rejects_bad_inputs():
+    attention_cpp.load()
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.sparrow.small_linear(torch.zeros(2, 8), torch.zeros(4, 9), None)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.sparrow.small_linear(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(4, 8), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.sparrow.small_linear(torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(5))
+
+
+def test_runtime_routes_short_linears(monkeypatch):
+    """Small-M routing: short inference calls go to the op, long ones, grad mode and SPARROW_LINEAR=torch do not."""
+    from sparrow.runtime import SMALL_M, small_m_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16, bias=False))
+    x = torch.randn(SMALL_M + 1, 32)
+    with torch.no_grad():
+        want = model(x)
+    monkeypatch.setenv("SPARROW_LINEAR", "torch")
+    assert small_m_linears([model]) == 0
+    monkeypatch.setenv("SPARROW_LINEAR", "fast")
+    with pytest.raises(ValueError, match="SPARROW_LINEAR"):
+        small_m_linears([model])
+    monkeypatch.setenv("SPARROW_LINEAR", "")
+    assert small_m_linears([model]) == 2
+    calls = []
+    real = torch.ops.sparrow.small_linear
+    monkeypatch.setattr(torch.ops.sparrow, "small_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:5]), want[:5], atol=1e-5, rtol=1e-5)  # routed
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)  # too many rows: F.linear
+    assert calls == [(5, 32), (5, 48)]
+    model(x[:5]).sum().backward()  # grad mode: F.linear, so autograd works
+    assert len(calls) == 2 and model[0].weight.grad is not None

@@ -16,6 +16,8 @@
 // Returns h [H] (the layer's output residual stream), k, v [Hkv, D] (its own rotated key, value) and
 // logits [V]. Query head h pairs with KV head h / G (transformers' repeat_kv).
 
+#include "linear.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,24 +37,9 @@
 namespace {
 
 constexpr int64_t NUM_WEIGHTS = 12;
-constexpr int64_t GEMV_GRAIN = 128;  // output rows per task: a 256x768 product splits in two, a small one not
-
-SPARROW_CLONES void gemv_rows(const float* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* row = w + r * k;
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < k; ++i) acc += row[i] * x[i];
-    y[r] = acc;
-  }
-}
 
 // y [N] = W [N, K] x [K]
-void gemv(const at::Tensor& w, const float* x, float* y) {
-  const float* wp = w.data_ptr<float>();
-  const int64_t k = w.size(1);
-  at::parallel_for(0, w.size(0), GEMV_GRAIN, [&](int64_t r0, int64_t r1) { gemv_rows(wp, x, y, k, r0, r1); });
-}
+void gemv(const at::Tensor& w, const float* x, float* y) { sparrow_cpu::small_m_product(w, x, 1, w.size(1), y); }
 
 SPARROW_CLONES float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.0f;

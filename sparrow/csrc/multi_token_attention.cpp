@@ -21,6 +21,8 @@
 // loops the compiler vectorises (built for x86-64-v3 and the baseline on x86-64 Linux). The build
 // needs no -march flag, so one build runs on any CPU.
 
+#include "linear.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -371,8 +373,6 @@ SPARROW_AVX512 void block_avx512(const Problem& p, const TaskBuffers& b, const f
 // AVX2 + FMA implementation: the AVX-512 one's structure in 8-lane registers (16 of them, so
 // tiles hold 8 accumulators). Used where the CPU lacks AVX-512 and D % 8 == 0.
 
-#define SPARROW_AVX2 __attribute__((target("avx2,fma")))
-
 SPARROW_AVX2 inline float hsum8(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -383,14 +383,6 @@ SPARROW_AVX2 inline float hmax8(__m256 x) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-// Lane i of the result is the sum of the 8 lanes of a[i].
-SPARROW_AVX2 inline __m256 transpose_reduce8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  // t0 = [a0..a3 sums over lanes 0-3 | a0..a3 over lanes 4-7], t1 the same for a4..a7
-  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
 // Scores of NR rows x (8 / NR) keys: 8 dot products over D, one transpose-reduce.
@@ -409,7 +401,7 @@ SPARROW_AVX2 inline void scores_tile8(const Problem& p, const float* q, const fl
     }
   }
   alignas(32) float sums[8];
-  _mm256_store_ps(sums, transpose_reduce8(acc));
+  _mm256_store_ps(sums, sparrow_cpu::transpose_reduce8(acc));
   for (int r = 0; r < NR; ++r) std::memcpy(s + r * BLOCK, sums + r * NK, NK * sizeof(float));
 }
 

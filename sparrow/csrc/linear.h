@@ -1,0 +1,27 @@
+// Small-M matrix products shared by the C++ ops (linear.cpp, draft_step.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SPARROW_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace sparrow_cpu {
+
+#ifdef SPARROW_AVX2
+// Lane i of the result is the sum of the 8 lanes of a[i].
+SPARROW_AVX2 inline __m256 transpose_reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  // t0 = [a0..a3 sums over lanes 0-3 | a0..a3 over lanes 4-7], t1 the same for a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+#endif
+
+// y [M, N] = x [M, K] W^T for W [N, K] contiguous float32 (rows of x contiguous, x_stride apart),
+// split across threads by output column; every weight row is read once for all M rows.
+void small_m_product(const at::Tensor& w, const float* x, int64_t m, int64_t x_stride, float* y);
+
+}  // namespace sparrow_cpu
