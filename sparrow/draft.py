@@ -210,7 +210,7 @@ class Draft(nn.Module):
             from .attention_cpp import load
 
             load()
-            k_ctx, v_ctx = ctx.context_kv(first_pos, prior)  # [Hkv, n, D] each
+            k_ctx, v_ctx = ctx.context_kv(first_pos, prior)  # [Hkv, n + 1, D] each
             x_in = torch.cat([self.embed[token], feat.reshape(-1)])  # [2H]
             weights, final_eps = self._step_args()
             h, k, v, logits = torch.ops.sparrow.draft_step(
@@ -345,13 +345,16 @@ class WindowContext:
 
     def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
         """What one draft token of the round at `first_pos` attends besides itself, as keys/values
-        `[Hkv, n, D]`: the glimpses, the valid window slots and `prior` (its ancestors)."""
+        `[Hkv, n + 1, D]`: the glimpses, the valid window slots, `prior` (its ancestors), and one free
+        position the fused step writes its own key/value into (a fresh tensor: the round's stay intact)."""
         k_win, v_win, valid = self._round(first_pos)
         n = int(valid)
-        k, v = k_win[0, :, :n], v_win[0, :, :n]  # [Hkv, n, D]
+        ks, vs = [k_win[0, :, :n]], [v_win[0, :, :n]]  # [Hkv, n, D]
         if prior is not None:
-            k, v = torch.cat([k, prior[0][0]], 1), torch.cat([v, prior[1][0]], 1)
-        return k, v
+            ks.append(prior[0][0])
+            vs.append(prior[1][0])
+        free = k_win.new_empty(k_win.shape[1], 1, k_win.shape[3])  # [Hkv, 1, D]
+        return torch.cat(ks + [free], 1), torch.cat(vs + [free], 1)
 
     def _round(self, first_pos: int):
         """Keys/values `[1, Hkv, G + W, D]` of the glimpses and window slots, and the valid count `[1]`;
@@ -408,12 +411,12 @@ class PrefixContext:
         return fn
 
     def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """As `WindowContext.context_kv`: the prefix and `prior` (written to the scratch past it), `[Hkv, n, D]`."""
-        n = self.length
+        """As `WindowContext.context_kv`: the prefix, `prior` and the free position, written in the
+        scratch past the prefix, `[Hkv, n + 1, D]`."""
+        n = self.length + (prior[0].shape[2] if prior is not None else 0)
+        if n + 1 > self.k.shape[1]:
+            raise ValueError(f"draft prefix cache full: {n + 1} > {self.k.shape[1]}")
         if prior is not None:
-            n += prior[0].shape[2]
-            if n > self.k.shape[1]:
-                raise ValueError(f"draft prefix cache full: {n} > {self.k.shape[1]}")
             self.k[:, self.length:n] = prior[0][0]
             self.v[:, self.length:n] = prior[1][0]
-        return self.k[:, :n], self.v[:, :n]
+        return self.k[:, :n + 1], self.v[:, :n + 1]

@@ -370,6 +370,8 @@ def test_fused_draft_step_names_bad_input():
     ctx = torch.zeros(hkv, 3, d)
     out = torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx, weights, 1e-6, 1e-6)
     assert [t.shape for t in out] == [(h,), (hkv * d,), (hkv * d,), (10,)]
+    with pytest.raises(RuntimeError, match="free last position"):
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx[:, :0], ctx[:, :0], weights, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match="ctx_v must be"):
         torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, torch.zeros(hkv, 4, d), weights, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match="gate must be"):

@@ -9,13 +9,17 @@
 // its weight reads.
 //
 // x_in [2H] = [token embedding; feature]; inv_freq [D/2] (rotary, rotate-half layout); position: the
-// token's rotary position; ctx_k / ctx_v [Hkv, n, D]: the rotated keys and values it attends besides
-// itself (Sparrow: glimpses, text-anchor window, ancestors; EAGLE: the whole prefix, ancestors);
+// token's rotary position; ctx_k / ctx_v [Hkv, n + 1, D]: the rotated keys and values it attends
+// (Sparrow: glimpses, text-anchor window, ancestors; EAGLE: the whole prefix, ancestors), then one free
+// position that the step fills with its own key and value, so the attention is the runtime's
+// multi-token op over the context in place (for EAGLE's prefix: flash-decoding across threads, each
+// KV head read once for its G query heads);
 // weights: inp [H, 2H], ln_attn [H], q [Hq*D, H], k [Hkv*D, H], v [Hkv*D, H], o [H, Hq*D],
 // ln_mlp [H], gate [I, H], up [I, H], down [H, I], final_norm [H], head [V, H].
 // Returns h [H] (the layer's output residual stream), k, v [Hkv, D] (its own rotated key, value) and
 // logits [V]. Query head h pairs with KV head h / G (transformers' repeat_kv).
 
+#include "attention.h"
 #include "linear.h"
 
 #include <ATen/ATen.h>
@@ -81,13 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
               weights.size());
   const int64_t h = weights[0].size(0), d = 2 * inv_freq.size(0), hkv = ctx_k_in.size(0),
                 hq = weights[2].size(0) / d, inter = weights[7].size(0), vocab = weights[11].size(0);
-  TORCH_CHECK(ctx_k_in.dim() == 3 && hkv > 0 && hq % hkv == 0, "sparrow::draft_step: ctx_k must be [Hkv, n, D] with "
+  TORCH_CHECK(ctx_k_in.dim() == 3 && hkv > 0 && hq % hkv == 0, "sparrow::draft_step: ctx_k must be [Hkv, n + 1, D] with "
               "Hkv dividing the query heads, got ", ctx_k_in.sizes());
-  const int64_t len = ctx_k_in.size(1), g = hq / hkv;
+  const int64_t len = ctx_k_in.size(1) - 1;  // context positions before the free one
+  TORCH_CHECK(len >= 0, "sparrow::draft_step: ctx_k needs a free last position for the step's own key");
   check(x_in, "x_in", {2 * h});
   check(inv_freq, "inv_freq", {d / 2});
-  check(ctx_k_in, "ctx_k", {hkv, len, d});
-  check(ctx_v_in, "ctx_v", {hkv, len, d});
+  check(ctx_k_in, "ctx_k", {hkv, len + 1, d});
+  check(ctx_v_in, "ctx_v", {hkv, len + 1, d});
   const char* names[NUM_WEIGHTS] = {"inp", "ln_attn", "q", "k", "v", "o", "ln_mlp", "gate", "up", "down",
                                     "final_norm", "head"};
   const std::vector<std::vector<int64_t>> shapes = {{h, 2 * h}, {h}, {hq * d, h}, {hkv * d, h}, {hkv * d, h},
@@ -98,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
     check(weights[i], names[i], shapes[i]);
     w.push_back(weights[i].contiguous());
   }
-  // The context is read in place (for EAGLE it is the whole prefix cache): only D must be contiguous.
+  // The context is used in place (for EAGLE it is the whole prefix cache): only D must be contiguous.
   const at::Tensor ctx_k = ctx_k_in.stride(2) == 1 ? ctx_k_in : ctx_k_in.contiguous();
   const at::Tensor ctx_v = ctx_v_in.stride(2) == 1 ? ctx_v_in : ctx_v_in.contiguous();
   const at::Tensor xin = x_in.contiguous();
@@ -106,12 +111,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
   auto opts = x_in.options();
   at::Tensor out_h = at::empty({h}, opts), out_k = at::empty({hkv * d}, opts), out_v = at::empty({hkv * d}, opts),
              logits = at::empty({vocab}, opts);
-  std::vector<float> x(h), n(h), q(hq * d), att(hq * d), tmp(h), a(inter), b(inter), cos(d / 2), sin(d / 2);
-  float *k = out_k.data_ptr<float>(), *v = out_v.data_ptr<float>(), *y = out_h.data_ptr<float>();
+  std::vector<float> x(h), n(h), tmp(h), a(inter), b(inter), cos(d / 2), sin(d / 2);
+  at::Tensor q_t = at::empty({hq, 1, d}, opts);  // [Hq, 1, D]
+  float *q = q_t.data_ptr<float>(), *k = out_k.data_ptr<float>(), *v = out_v.data_ptr<float>();
+  float* y = out_h.data_ptr<float>();
 
   gemv(w[0], xin.data_ptr<float>(), x.data());  // [H]: the residual stream
   rms_norm(x.data(), w[1].data_ptr<float>(), eps, n.data(), h);
-  gemv(w[2], n.data(), q.data());
+  gemv(w[2], n.data(), q);
   gemv(w[3], n.data(), k);
   gemv(w[4], n.data(), v);
   const float* inv = inv_freq.data_ptr<float>();
@@ -120,38 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
     cos[i] = std::cos(ang);
     sin[i] = std::sin(ang);
   }
-  rotate(q.data(), hq, d, cos.data(), sin.data());
+  rotate(q, hq, d, cos.data(), sin.data());
   rotate(k, hkv, d, cos.data(), sin.data());
 
-  // Each query head over its KV head's context keys and its own key: one softmax over both.
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  const float *kc = ctx_k.data_ptr<float>(), *vc = ctx_v.data_ptr<float>();
-  at::parallel_for(0, hq, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> s(len + 1);
-    for (int64_t head = h0; head < h1; ++head) {
-      const int64_t kv = head / g;
-      const float* qh = q.data() + head * d;
-      const float* kbase = kc + kv * ctx_k.stride(0);
-      const float* vbase = vc + kv * ctx_v.stride(0);
-      float m = s[len] = dot(qh, k + kv * d, d) * scale;
-      for (int64_t j = 0; j < len; ++j) {
-        s[j] = dot(qh, kbase + j * ctx_k.stride(1), d) * scale;
-        m = std::max(m, s[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j <= len; ++j) total += (s[j] = std::exp(s[j] - m));
-      float* o = att.data() + head * d;
-      const float* own = v + kv * d;
-      for (int64_t i = 0; i < d; ++i) o[i] = s[len] * own[i];
-      for (int64_t j = 0; j < len; ++j) {
-        const float* vj = vbase + j * ctx_v.stride(1);
-        for (int64_t i = 0; i < d; ++i) o[i] += s[j] * vj[i];
-      }
-      for (int64_t i = 0; i < d; ++i) o[i] /= total;
-    }
-  });
+  for (int64_t kv = 0; kv < hkv; ++kv) {  // the free last position: the step's own key and value
+    std::copy(k + kv * d, k + (kv + 1) * d, ctx_k.data_ptr<float>() + kv * ctx_k.stride(0) + len * ctx_k.stride(1));
+    std::copy(v + kv * d, v + (kv + 1) * d, ctx_v.data_ptr<float>() + kv * ctx_v.stride(0) + len * ctx_v.stride(1));
+  }
+  const at::Tensor att = sparrow_cpu::multi_token_attention(
+      q_t, ctx_k, ctx_v, len, at::ones({1, 1}, x_in.options().dtype(at::kBool)),
+      1.0 / std::sqrt(static_cast<double>(d)));  // [Hq, 1, D]
 
-  gemv(w[5], att.data(), tmp.data());
+  gemv(w[5], att.data_ptr<float>(), tmp.data());
   for (int64_t i = 0; i < h; ++i) x[i] += tmp[i];
   rms_norm(x.data(), w[6].data_ptr<float>(), eps, n.data(), h);
   gemv(w[7], n.data(), a.data());

@@ -21,6 +21,7 @@
 // loops the compiler vectorises (built for x86-64-v3 and the baseline on x86-64 Linux). The build
 // needs no -march flag, so one build runs on any CPU.
 
+#include "attention.h"
 #include "linear.h"
 
 #include <ATen/ATen.h>
@@ -573,8 +574,32 @@ void run_task(const Problem& p, Isa isa, const TaskBuffers& b, int64_t h, int64_
   }
 }
 
-at::Tensor multi_token_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                     int64_t past, const at::Tensor& tail_mask, double scale) {
+// "auto" (the best the CPU has), "portable", "avx2" or "avx512" (only where the CPU has it): returns the
+// ISA the op uses for head dims that are a multiple of 16.
+std::string attention_isa(const std::string& which) {
+  if (which == "portable") {
+    isa_override().store(static_cast<int>(Isa::Portable));
+  } else if (which == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "this CPU has no AVX2 + FMA");
+    isa_override().store(static_cast<int>(Isa::Avx2));
+  } else if (which == "auto" || which == "avx512") {
+    TORCH_CHECK(which == "auto" || cpu_has_avx512(), "this CPU has no AVX-512 (avx512f + avx512dq)");
+    isa_override().store(-1);
+  } else if (which != "") {
+    TORCH_CHECK(false, "isa must be auto, portable, avx2 or avx512, got ", which);
+  }
+  switch (pick_isa(16)) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+}  // namespace
+
+at::Tensor sparrow_cpu::multi_token_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                              const at::Tensor& v_cache, int64_t past, const at::Tensor& tail_mask,
+                                              double scale) {
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "sparrow::multi_token_attention (C++): CPU tensors only");
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
@@ -657,34 +682,11 @@ at::Tensor multi_token_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
   return out;
 }
 
-// "auto" (the best the CPU has), "portable", "avx2" or "avx512" (only where the CPU has it): returns the
-// ISA the op uses for head dims that are a multiple of 16.
-std::string attention_isa(const std::string& which) {
-  if (which == "portable") {
-    isa_override().store(static_cast<int>(Isa::Portable));
-  } else if (which == "avx2") {
-    TORCH_CHECK(cpu_has_avx2(), "this CPU has no AVX2 + FMA");
-    isa_override().store(static_cast<int>(Isa::Avx2));
-  } else if (which == "auto" || which == "avx512") {
-    TORCH_CHECK(which == "auto" || cpu_has_avx512(), "this CPU has no AVX-512 (avx512f + avx512dq)");
-    isa_override().store(-1);
-  } else if (which != "") {
-    TORCH_CHECK(false, "isa must be auto, portable, avx2 or avx512, got ", which);
-  }
-  switch (pick_isa(16)) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "portable";
-  }
-}
-
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(sparrow, m) {
   m.def("multi_token_attention(Tensor q, Tensor k_cache, Tensor v_cache, int past, Tensor tail_mask, float scale) -> Tensor");
   m.def("multi_token_attention_isa(str which) -> str", &attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(sparrow, CPU, m) {
-  m.impl("multi_token_attention", &multi_token_attention_cpu);
+  m.impl("multi_token_attention", &sparrow_cpu::multi_token_attention);
 }
