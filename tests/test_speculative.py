@@ -367,18 +367,18 @@ def test_fused_draft_step_names_bad_input():
     weights = [torch.zeros(s) for s in ((h, 2 * h), (h,), (2 * d * hkv, h), (hkv * d, h), (hkv * d, h),
                                          (h, 2 * d * hkv), (h,), (32, h), (32, h), (h, 32), (h,), (10, h))]
     inv = torch.ones(d // 2)
-    ctx = torch.zeros(hkv, 3, d)
-    out = torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx, weights, 1e-6, 1e-6)
+    ctx, ctx_v = torch.zeros(hkv, 3, d), torch.zeros(hkv, 3, d)  # the op writes its own key/value into both
+    out = torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx_v, weights, 1e-6, 1e-6)
     assert [t.shape for t in out] == [(h,), (hkv * d,), (hkv * d,), (10,)]
     with pytest.raises(RuntimeError, match="free last position"):
-        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx[:, :0], ctx[:, :0], weights, 1e-6, 1e-6)
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx[:, :0], ctx_v[:, :0], weights, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match="ctx_v must be"):
         torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, torch.zeros(hkv, 4, d), weights, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match="gate must be"):
         bad = weights[:7] + [torch.zeros(32, h + 1)] + weights[8:]
-        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx, bad, 1e-6, 1e-6)
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h), inv, 0, ctx, ctx_v, bad, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match="x_in must be a float32"):
-        torch.ops.sparrow.draft_step(torch.zeros(2 * h, dtype=torch.float64), inv, 0, ctx, ctx, weights, 1e-6, 1e-6)
+        torch.ops.sparrow.draft_step(torch.zeros(2 * h, dtype=torch.float64), inv, 0, ctx, ctx_v, weights, 1e-6, 1e-6)
 
 
 def test_draft_backend_env_rejects_unknown(monkeypatch):

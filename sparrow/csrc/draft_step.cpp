@@ -23,7 +23,6 @@
 #include "linear.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -154,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparrow, m) {
-  m.def("draft_step(Tensor x_in, Tensor inv_freq, int position, Tensor ctx_k, Tensor ctx_v, Tensor[] weights, "
+  m.def("draft_step(Tensor x_in, Tensor inv_freq, int position, Tensor(a!) ctx_k, Tensor(b!) ctx_v, Tensor[] weights, "
         "float eps, float final_eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
