@@ -49,7 +49,8 @@ def cmd_demo_video(a):
 def cmd_train_target(a):
     from .train_target import TargetTrainConfig, train_target
 
-    cfg = TargetTrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size)
+    given = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if v is not None}
+    cfg = TargetTrainConfig(seed=a.seed, **given)
     rec = train_target(cfg, a.work_dir, a.out)
     print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss")}))
 
@@ -309,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
     p = train.add_parser("target", help="train the demo target from scratch (resumable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4400)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, help="default: the recipe's (TargetTrainConfig)")
+    p.add_argument("--batch-size", type=int, help="default: the recipe's (TargetTrainConfig)")
     p.add_argument("--work-dir", default="runs/target_work", help="checkpoints; resumed if present")
     p.add_argument("--out", default="runs/demo_target", help="where the fp16 model is saved")
     p.add_argument("--json", action="store_true")
