@@ -1,7 +1,7 @@
 """The runtime's CPU attention backends side by side: torch implementation against the fused C++ op.
 
 `python -m sparrow.benchmarks.attention_op [--past 1024,4096,25600] [--json OUT]`: the attention
-alone, demo-target shapes (2 KV heads, 2 query heads per group, head dim 128, fp32), one decode
+alone, demo-target shapes (2 KV heads, 2 query heads per group, head dim 64, fp32; `--head-dim`), one decode
 step (T = 1) and one chain verify (T = K + 1 = 6) per cache length.
 
 `--visual-tokens 1024,4096,25600`: the whole runtime step of the demo target instead (all layers,
@@ -32,7 +32,7 @@ def candidates() -> dict:
             "cpp": attention_cpp.multi_token_attention}
 
 
-def measure(pasts=(1024, 4096, 25600), ts=(1, 6), kv_heads=2, groups=2, head_dim=128, rounds=15,
+def measure(pasts=(1024, 4096, 25600), ts=(1, 6), kv_heads=2, groups=2, head_dim=64, rounds=15,
             calls=5, threads=2, seed=0) -> list[dict]:
     """Rows: past, T, backend, ms (median over rounds of the mean of `calls` calls)."""
     torch.set_num_threads(threads)
@@ -121,6 +121,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--past", default="1024,4096,25600", help="cache lengths for the attention alone")
     p.add_argument("--visual-tokens", help="measure whole runtime steps of the demo target at these sizes instead")
+    p.add_argument("--head-dim", type=int, default=64, help="head dim for the attention alone (demo target: 64)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the rows here (and the table next to it as .md)")
@@ -128,11 +129,12 @@ def main(argv=None):
     if a.visual_tokens:
         rows = measure_runtime(tuple(int(x) for x in a.visual_tokens.split(",")), rounds=a.rounds, threads=a.threads)
     else:
-        rows = measure(tuple(int(x) for x in a.past.split(",")), rounds=a.rounds, threads=a.threads)
+        rows = measure(tuple(int(x) for x in a.past.split(",")), head_dim=a.head_dim, rounds=a.rounds,
+                       threads=a.threads)
     print(table(rows))
     if a.json:
         out = Path(a.json)
-        meta = {"what": "runtime step" if a.visual_tokens else "attention op", "threads": a.threads,
+        meta = {"what": "runtime step" if a.visual_tokens else f"attention op, head dim {a.head_dim}", "threads": a.threads,
                 "rounds": a.rounds, "torch": torch.__version__, "isa": attention_cpp.isa()}
         out.write_text(json.dumps([dict(r, **meta) for r in rows], indent=1))
         out.with_suffix(".md").write_text(table(rows) + "\n")
