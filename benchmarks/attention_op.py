@@ -134,8 +134,9 @@ def main(argv=None):
     print(table(rows))
     if a.json:
         out = Path(a.json)
-        meta = {"what": "runtime step" if a.visual_tokens else f"attention op, head dim {a.head_dim}", "threads": a.threads,
-                "rounds": a.rounds, "torch": torch.__version__, "isa": attention_cpp.isa()}
+        what = "runtime step" if a.visual_tokens else f"attention op, head dim {a.head_dim}"
+        meta = {"what": what, "threads": a.threads, "rounds": a.rounds, "torch": torch.__version__,
+                "isa": attention_cpp.isa()}
         out.write_text(json.dumps([dict(r, **meta) for r in rows], indent=1))
         out.with_suffix(".md").write_text(table(rows) + "\n")
 
