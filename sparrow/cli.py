@@ -50,7 +50,11 @@ def cmd_train_target(a):
     from .train_target import TargetTrainConfig, train_target
 
     given = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if v is not None}
-    cfg = TargetTrainConfig(seed=a.seed, **given)
+    try:
+        recipe = json.loads(Path(a.config).read_text()) if a.config else {}
+        cfg = TargetTrainConfig.from_json({**recipe, "seed": a.seed, **given})
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: target training settings{f' in {a.config}' if a.config else ''}: {e}")
     rec = train_target(cfg, a.work_dir, a.out)
     print(json.dumps(rec if a.json else {k: rec[k] for k in ("train_seconds", "final_loss")}))
 
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
     p = train.add_parser("target", help="train the demo target from scratch (resumable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", metavar="FILE.json",
+                   help="recipe settings (TargetTrainConfig fields) overriding the defaults, e.g. a fine-tune stage")
     p.add_argument("--steps", type=int, help="default: the recipe's (TargetTrainConfig)")
     p.add_argument("--batch-size", type=int, help="default: the recipe's (TargetTrainConfig)")
     p.add_argument("--work-dir", default="runs/target_work", help="checkpoints; resumed if present")

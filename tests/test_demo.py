@@ -125,3 +125,79 @@ def test_training_labels_follow_the_scene():
             assert (colour[on] == list(COLOURS).index(s.colour)).all()
             assert (direction[first][on[first]] == IGNORE).all()
             assert (direction[first + 1:][on[first + 1:]] == ["left", "right", "up", "down"].index(s.direction)).all()
+
+
+
+def test_binding_targets_name_the_words_shape_cells():
+    """Each supervised word of a caption or question points at the cells of the shape it is about: those
+    showing its first colour for that colour and its kind, those showing its final colour for that one,
+    all of them for its direction. Counting and "which first" are not about one shape."""
+    from sparrow.demo.data import make_example
+    from sparrow.demo.model import demo_config
+    from sparrow.demo.tokenizer import build_tokenizer
+    from sparrow.processing import VisionSpec
+    from sparrow.train_target import bind_targets, cell_targets
+
+    spec, tok = VisionSpec.from_config(demo_config().vision_config), build_tokenizer()
+    question_spans = {"colour_appear": "appear", "colour_end": "end", "direction": "all"}
+    caption_spans = {"a": "appear", "moves": "all", "turns": "end"}
+    spans_seen = set()
+    for seed in range(40):
+        ex = make_example(seed, "mixed", num_frames=16, side=64)
+        cells = cell_targets(ex.scene, 16, 64, spec)
+        words = ex.answer.split()
+        assert len(tok(ex.answer, add_special_tokens=False)["input_ids"]) == len(words)  # a token a word
+        pairs = bind_targets(ex, cells)
+        if ex.kind in ("count", "first"):
+            assert pairs == []
+        for i, idx in pairs:
+            if ex.kind == "caption":
+                kind = ex.scene.shapes[words[:i].count(".")].kind
+                span = "appear" if words[i] == kind else caption_spans[words[i - 1]]
+            else:
+                kind, span = ex.shape, question_spans[ex.kind]
+            shape = next(s for s in ex.scene.shapes if s.kind == kind)
+            on = (cells > 0) & ((cells - 1) // len(COLOURS) == KINDS.index(kind))  # [T' * h * w]
+            shows = {colour: on & ((cells - 1) % len(COLOURS) == list(COLOURS).index(colour)) for colour in COLOURS}
+            expect = {"all": on, "appear": shows[shape.colour], "end": shows[shape.final_colour]}[span]
+            assert np.array_equal(idx, np.flatnonzero(expect)), (seed, i, span)
+            spans_seen.add(span)
+        if ex.kind == "caption":
+            assert len(pairs) >= 3 * len(ex.scene.shapes) - 3  # colour, kind, direction of (nearly) all
+    assert spans_seen == {"appear", "end", "all"}
+
+
+def test_binding_loss_is_the_layers_own_attention():
+    """The binding loss recomputes one head's attention rows from the layer's inputs; it must equal
+    -log(attention mass on the word's cells) read from transformers' eager attention weights."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from sparrow.demo.data import make_example
+    from sparrow.demo.model import demo_config
+    from sparrow.demo.tokenizer import build_tokenizer
+    from sparrow.processing import VisionSpec, build_batch
+    from sparrow.train_target import AttentionInputs, bind_targets, cell_targets
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(demo_config(tok)).eval()
+    model.set_attn_implementation("eager")
+    spec = VisionSpec.from_config(model.config.vision_config)
+    examples = [make_example(seed, "mixed", num_frames=16, side=64) for seed in (3, 4, 5, 6)]
+    binds = [bind_targets(ex, cell_targets(ex.scene, 16, 64, spec)) for ex in examples]
+    assert sum(map(len, binds)) > 4
+    batch = build_batch(tok, spec, [(ex.frames, ex.prompt, ex.answer) for ex in examples])
+    layer, head = 3, 1
+    inputs = AttentionInputs(model.model.language_model.layers[layer].self_attn)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss = inputs.bind_loss(head, batch, binds, model.config.video_token_id)
+    expect = []  # [examples], each the mean over its words
+    for b, pairs in enumerate(binds):
+        answer = int((batch["labels"][b] != -100).nonzero()[0])
+        video = int((batch["input_ids"][b] == model.config.video_token_id).nonzero()[0])
+        if pairs:
+            expect.append(torch.stack([-out.attentions[layer][b, head, answer + i - 1, video + cells].sum().log()
+                                       for i, cells in pairs]).mean())
+    torch.testing.assert_close(loss, torch.stack(expect).mean(), rtol=1e-4, atol=1e-5)

@@ -67,3 +67,24 @@ def test_cli_demo_video_and_generate(tmp_path):
     err = subprocess.run(cli + ["generate", "--video", str(bad), "--prompt", "describe the video ."],
                          capture_output=True, text=True)
     assert err.returncode != 0 and "cannot open video" in err.stderr
+
+
+def test_cli_train_target_fine_tune_stage_from_a_config(tmp_path):
+    """`sparrow train target --config` runs a recipe stage from JSON settings: here two steps of
+    binding-supervised fine-tuning from the embedded target, saved as a loadable model; unknown
+    settings are named."""
+    from sparrow.demo.model import DEMO_TARGET_DIR
+
+    cli = [sys.executable, "-m", "sparrow.cli", "train", "target", "--work-dir", str(tmp_path / "work")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"steps": 2, "bind_wieght": 1.0}))
+    err = subprocess.run(cli + ["--config", str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert err.returncode != 0 and "bind_wieght" in err.stderr
+    cfg = tmp_path / "stage.json"
+    cfg.write_text(json.dumps({"init": str(DEMO_TARGET_DIR), "steps": 2, "batch_size": 2, "easy_steps": 0,
+                               "long_every": 0, "warmup": 1, "lr": 1e-5, "bind_weight": 1.0, "eval_videos": 2}))
+    out = subprocess.run(cli + ["--config", str(cfg), "--out", str(tmp_path / "out"), "--json"], check=True,
+                         capture_output=True, text=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rec["config"]["bind_weight"] == 1.0 and len(rec["loss_every_100"]) == 1
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -25,6 +25,7 @@ class Example:
     prompt: str
     answer: str
     kind: str  # "caption" or a question kind
+    shape: str | None = None  # the kind of shape a question asks about
 
 
 def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAMES,
@@ -41,4 +42,4 @@ def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAME
     if task == "caption" or (task == "mixed" and rng.random() < 0.5):
         return Example(scene, frames, CAPTION_PROMPT, caption(scene), "caption")
     qa = sample_question(scene, rng)
-    return Example(scene, frames, qa.question, qa.answer, qa.kind)
+    return Example(scene, frames, qa.question, qa.answer, qa.kind, qa.shape)

@@ -18,6 +18,7 @@ class QA:
     kind: str
     question: str
     answer: str
+    shape: str | None = None  # the kind of shape asked about, for questions about one shape
 
 
 def caption(scene: Scene) -> str:
@@ -40,9 +41,9 @@ def questions(scene: Scene) -> list[QA]:
         QA("first", "which shape appears first ?", scene.shapes[0].kind),
     ]
     for s in scene.shapes:
-        out.append(QA("colour_appear", f"what colour is the {s.kind} when it appears ?", s.colour))
-        out.append(QA("colour_end", f"what colour is the {s.kind} at the end ?", s.final_colour))
-        out.append(QA("direction", f"which way does the {s.kind} move ?", s.direction))
+        out.append(QA("colour_appear", f"what colour is the {s.kind} when it appears ?", s.colour, s.kind))
+        out.append(QA("colour_end", f"what colour is the {s.kind} at the end ?", s.final_colour, s.kind))
+        out.append(QA("direction", f"which way does the {s.kind} move ?", s.direction, s.kind))
     return out
 
 
