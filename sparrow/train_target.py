@@ -41,7 +41,7 @@ class TargetTrainConfig:
     aux_weight: float = 0.3
     # Auxiliary supervision of the language model's visual positions (a linear probe on the output of
     # layer `scene_layer`): for every cell a shape covers, that shape's direction (once it has been seen
-    # in an earlier temporal patch), its colour when it appeared and its kind. Without it the model read colours
+    # in an earlier temporal patch) and its colour when it appeared. Without it the model read colours
     # per frame but not motion (direction at chance) nor which colour came first: one answer token per
     # video was too thin a signal for 4 layers to learn to compare a shape across time.
     scene_weight: float = 0.3
@@ -280,7 +280,8 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
     probe = torch.nn.Linear(hidden, NUM_OBJECT_CLASSES)
     # with binding supervision the probe also reads each cell's kind: the keys the bound head matches
     scene_probe = torch.nn.Linear(hidden, len(DIRECTIONS) + len(COLOURS) + (len(KINDS) if cfg.bind_weight else 0))
-    bind_inputs = AttentionInputs(model.model.language_model.layers[cfg.bind_layer].self_attn)
+    bind_attn = model.model.language_model.layers[cfg.bind_layer].self_attn
+    bind_inputs = AttentionInputs(bind_attn) if cfg.bind_weight else None
     vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")] + list(probe.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
     rest += list(scene_probe.parameters())
@@ -324,7 +325,7 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
             kinds = torch.where(cells > 0, (cells - 1) // c, IGNORE)  # [N_visual]
             scene = scene + ce(scene_logits[:, d + c:], kinds, ignore_index=IGNORE)
         bind = (bind_inputs.bind_loss(cfg.bind_head, batch, binds, model.config.video_token_id)
-                if cfg.bind_weight else torch.zeros(()))
+                if bind_inputs else torch.zeros(()))
         loss = lm_loss + cfg.aux_weight * aux + cfg.scene_weight * scene + cfg.bind_weight * bind
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
