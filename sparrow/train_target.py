@@ -128,6 +128,11 @@ def cell_targets(scene: Scene, num_frames: int, side: int, spec: VisionSpec) -> 
 IGNORE = -100
 
 
+def kind_cells(classes: np.ndarray, kind: str) -> np.ndarray:
+    """Where a shape of this kind is, from object classes (1 + kind * 8 + colour; 0 background)."""
+    return (classes > 0) & ((classes - 1) // len(COLOURS) == KINDS.index(kind))
+
+
 def scene_targets(scene: Scene, cells: np.ndarray, temporal_patches: int) -> tuple[np.ndarray, np.ndarray]:
     """Per visual token (labels from `cell_targets`): the covering shape's direction and first colour.
 
@@ -138,8 +143,8 @@ def scene_targets(scene: Scene, cells: np.ndarray, temporal_patches: int) -> tup
     direction = np.full(t.shape, IGNORE, dtype=np.int64)
     colour = np.full(t.shape, IGNORE, dtype=np.int64)
     by_kind = {s.kind: s for s in scene.shapes}
-    for k, kind in enumerate(KINDS):
-        on = (t > 0) & ((t - 1) // len(COLOURS) == k)  # [T', h * w]
+    for kind in KINDS:
+        on = kind_cells(t, kind)  # [T', h * w]
         if not on.any():
             continue
         shape = by_kind[kind]
@@ -163,9 +168,9 @@ def bind_targets(ex: Example, cells: np.ndarray) -> list[tuple[int, np.ndarray]]
     Words whose cells are empty get no pair.
     """
     spans, names = {}, list(COLOURS)
+    colour = (cells - 1) % len(COLOURS)  # [T' * h * w], meaningful where a shape is
     for shape in ex.scene.shapes:
-        on = (cells > 0) & ((cells - 1) // len(COLOURS) == KINDS.index(shape.kind))  # [T' * h * w]
-        colour = (cells - 1) % len(COLOURS)
+        on = kind_cells(cells, shape.kind)  # [T' * h * w]
         if on.any():
             spans[shape.kind] = {"appear": np.flatnonzero(on & (colour == names.index(shape.colour))),
                                  "end": np.flatnonzero(on & (colour == names.index(shape.final_colour))),
@@ -198,7 +203,7 @@ def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tu
         d, c = scene_targets(ex.scene, cells[-1], -(-frames // spec.temporal_patch_size))
         directions.append(d)
         colours.append(c)
-        binds.append(bind_targets(ex, cells[-1]))
+        binds.append(bind_targets(ex, cells[-1]) if cfg.bind_weight else [])
     labels = [torch.from_numpy(np.concatenate(x)) for x in (cells, directions, colours)]  # each [N_visual]
     return build_batch(tokenizer, spec, items), labels + [binds]
 

@@ -127,7 +127,6 @@ def test_training_labels_follow_the_scene():
             assert (direction[first + 1:][on[first + 1:]] == ["left", "right", "up", "down"].index(s.direction)).all()
 
 
-
 def test_binding_targets_name_the_words_shape_cells():
     """Each supervised word of a caption or question points at the cells of the shape it is about: those
     showing its first colour for that colour and its kind, those showing its final colour for that one,
