@@ -98,6 +98,12 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
                     "<|im_end|><|im_start|>assistant ")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.convert_tokens_to_ids("<|video_pad|>")) == 1
+    first = build_tokenizer(text_first=True)
+    first.save_pretrained(tmp_path / "first")
+    first = AutoTokenizer.from_pretrained(tmp_path / "first")
+    assert first.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user describe the video .<|vision_start|><|video_pad|><|vision_end|>"
+        "<|im_end|><|im_start|>assistant ")
     assert tok.unk_token_id not in ids
 
 

@@ -59,6 +59,20 @@ def test_ar_on_runtime_equals_transformers_generate(pair):
         assert generate_ar(rt, f, PROMPT, max_new_tokens=20).token_ids == hf[0, p.input_ids.shape[1]:].tolist()
 
 
+def test_question_before_video_prompt_decodes_like_transformers(tmp_path):
+    """A model whose chat template puts the question first: its text precedes the visual tokens in
+    the prompt (M-RoPE positions then start the video after text), and the runtime still equals generate."""
+    path = tiny_models.build("qwen2_vl", tmp_path, text_first=True)
+    ref, rt = Target.load(path), Runtime(Target.load(path), max_len=256, prefill_chunk=16)
+    f = _frames(3, 8)
+    p = ref.prepare(f, PROMPT)
+    ids = p.input_ids[0].tolist()
+    video = ref.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert ids.index(ref.tokenizer.convert_tokens_to_ids("describe")) < ids.index(video)
+    hf = ref.model.generate(input_ids=p.input_ids, **p.model_inputs, max_new_tokens=20, do_sample=False)
+    assert generate_ar(rt, f, PROMPT, max_new_tokens=20).token_ids == hf[0, p.input_ids.shape[1]:].tolist()
+
+
 def test_batch_of_sequences_at_different_lengths(pair):
     _, rt = pair
     states, alone = [], []

@@ -15,11 +15,11 @@ def _ids(tok):
     return dict(image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"))
 
 
-def build(arch: str, out: Path, seed: int = 0) -> Path:
+def build(arch: str, out: Path, seed: int = 0, text_first: bool = False) -> Path:
     import transformers as tf
 
     torch.manual_seed(seed)
-    tok = build_tokenizer()
+    tok = build_tokenizer(text_first)
     c = tok.convert_tokens_to_ids
     text = dict(TEXT, vocab_size=len(tok), bos_token_id=None, eos_token_id=c("<|im_end|>"),
                 pad_token_id=tok.pad_token_id)

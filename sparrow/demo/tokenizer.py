@@ -13,18 +13,21 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_star
 ROLES = ("system", "user", "assistant")
 
 # Qwen-style turns; word-level tokens need no newlines, so a space separates role and content.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
+def chat_template(text_first: bool = False) -> str:
+    """The user turn's parts in message order, or (text_first) its text before its video, so that
+    every visual token can attend to the question (attention is causal)."""
+    video = "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% endif %}"
+    text = "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    loop = "{% for part in message['content'] %}"
+    parts = (loop + text + "{% endfor %}" + loop + video + "{% endfor %}") if text_first else \
+        (loop + video + text + "{% endfor %}")
+    return ("{% for message in messages %}<|im_start|>{{ message['role'] }} "
+            "{% if message['content'] is string %}{{ message['content'] }}"
+            "{% else %}" + parts + "{% endif %}<|im_end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 
 
-def build_tokenizer():
+def build_tokenizer(text_first: bool = False):
     """A transformers fast tokenizer over the demo vocabulary (special tokens first, fixed ids)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +44,7 @@ def build_tokenizer():
                               "vision_start_token": "<|vision_start|>",
                               "vision_end_token": "<|vision_end|>"},
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template(text_first)
     return fast
 
 
