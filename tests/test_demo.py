@@ -60,6 +60,22 @@ def test_caption_and_answers_follow_the_event_log():
         assert qa[f"what colour is the {s.kind} at the end ?"] == s.final_colour
 
 
+def test_shape_description_is_the_asked_shapes_clause():
+    from sparrow.demo.data import make_example
+
+    asked = set()
+    for seed in range(40):
+        ex = make_example(seed, "shape", num_frames=4, side=32)
+        (shape,) = [s for s in ex.scene.shapes if s.kind == ex.shape]
+        assert ex.prompt == f"describe the {shape.kind} ." and ex.kind == "shape"
+        assert ex.answer.startswith(f"a {shape.colour} {shape.kind} appears and moves {shape.direction}")
+        assert ex.answer in caption(ex.scene) and ex.answer.count(" .") == 1
+        asked.add(ex.scene.shapes.index(shape))
+    assert asked == {0, 1, 2, 3}  # not always the first shape: the kind word picks it
+    with pytest.raises(ValueError, match="shape"):
+        make_example(0, "describe")
+
+
 def test_answers_depend_on_the_video():
     # across scenes, every question kind takes many answers: a model that ignores frames must guess
     answers = {}

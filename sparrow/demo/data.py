@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..video import decode, encode
-from .text import CAPTION_PROMPT, caption, sample_question
+from .text import CAPTION_PROMPT, caption, clause, sample_question, shape_prompt
 from .world import Scene, blank_like, make_scene, render
 
 DEFAULT_FRAMES = 32
@@ -30,15 +30,19 @@ class Example:
 
 def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAMES,
                  side: int = DEFAULT_SIDE, blank: bool = False, n_shapes: int | None = None) -> Example:
-    """task: "caption", "question" or "mixed" (half each, chosen by the seed)."""
-    if task not in ("caption", "question", "mixed"):
-        raise ValueError(f"task must be caption, question or mixed, got {task!r}")
+    """task: "caption", "question", "mixed" (half each, chosen by the seed) or "shape" (one shape,
+    drawn by the seed, described by its kind: "describe the square ." -> its clause)."""
+    if task not in ("caption", "question", "mixed", "shape"):
+        raise ValueError(f"task must be caption, question, mixed or shape, got {task!r}")
     rng = np.random.default_rng([seed, 7])
     scene = make_scene(seed, n_shapes)
     frames = render(scene, num_frames, side, side)
     if blank:
         frames = blank_like(frames)
     frames = decode(encode(frames))
+    if task == "shape":
+        shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
+        return Example(scene, frames, shape_prompt(shape.kind), clause(shape), "shape", shape.kind)
     if task == "caption" or (task == "mixed" and rng.random() < 0.5):
         return Example(scene, frames, CAPTION_PROMPT, caption(scene), "caption")
     qa = sample_question(scene, rng)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import COLOURS, DIRECTIONS, KINDS, Scene
+from .world import COLOURS, DIRECTIONS, KINDS, Scene, Shape
 
 NUMBERS = ("one", "two", "three", "four")
 CAPTION_PROMPT = "describe the video ."
@@ -21,17 +21,24 @@ class QA:
     shape: str | None = None  # the kind of shape asked about, for questions about one shape
 
 
+def clause(shape: Shape) -> str:
+    """What one shape does: 'a red square appears and moves left , then turns blue .'."""
+    words = f"a {shape.colour} {shape.kind} appears and moves {shape.direction}"
+    if shape.new_colour is not None:
+        words += f" , then turns {shape.new_colour}"
+    if shape.disappear is not None:
+        words += " , then disappears"
+    return words + " ."
+
+
 def caption(scene: Scene) -> str:
     """One clause per shape, in order of appearance: 'a red square appears and moves left , ...'."""
-    parts = []
-    for s in scene.shapes:
-        words = f"a {s.colour} {s.kind} appears and moves {s.direction}"
-        if s.new_colour is not None:
-            words += f" , then turns {s.new_colour}"
-        if s.disappear is not None:
-            words += " , then disappears"
-        parts.append(words + " .")
-    return " ".join(parts)
+    return " ".join(clause(s) for s in scene.shapes)
+
+
+def shape_prompt(kind: str) -> str:
+    """Ask for one shape's clause by its kind: every word of the answer is about the asked shape."""
+    return f"describe the {kind} ."
 
 
 def questions(scene: Scene) -> list[QA]:
