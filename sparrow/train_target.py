@@ -70,6 +70,11 @@ class TargetTrainConfig:
     # Curriculum: scenes of 1-2 shapes first. From scratch, the model first learns the text prior
     # and only slowly learns to look; with few shapes any visible object answers the question.
     easy_steps: int = 800
+    # The first `tiny_steps` steps use tiny videos (`tiny_video`: frames, side; 4 frames at 32 px are 8
+    # visual tokens), so that heads reading the prompt form before the video's hundreds of keys take
+    # every head's attention (then a prompt word gets ~0.001 of it, and so almost no gradient).
+    tiny_steps: int = 0
+    tiny_video: tuple[int, int] = (4, 32)
     side: int = 64
     # Every `long_every`-th step trains on one long or high-resolution video (frames, side) with as many
     # visual tokens as a whole regular batch, so the model meets the shape sizes and token counts of
@@ -90,6 +95,9 @@ class TargetTrainConfig:
                              f"got {self.long_every}, {self.long_videos}")
         if not 0 <= self.shape_share <= 1:
             raise ValueError(f"shape_share must lie in [0, 1], got {self.shape_share}")
+        if self.tiny_steps < 0 or self.tiny_video[0] < 2 or self.tiny_video[1] % 16:
+            raise ValueError(f"tiny_steps must be >= 0 and tiny_video (frames >= 2, side a multiple of 16), "
+                             f"got {self.tiny_steps}, {self.tiny_video}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.bind_weight < 0 or self.bind_layer < 0 or self.bind_head < 0:
@@ -107,6 +115,8 @@ class TargetTrainConfig:
         d = dict(d)
         if "frames" in d:
             d["frames"] = tuple(d["frames"])
+        if "tiny_video" in d:
+            d["tiny_video"] = tuple(d["tiny_video"])
         if "long_videos" in d:
             d["long_videos"] = tuple(tuple(v) for v in d["long_videos"])
         return cls(**d)
@@ -198,10 +208,20 @@ def bind_targets(ex: Example, cells: np.ndarray) -> list[tuple[int, np.ndarray]]
     return [(i, spans[kind][span]) for i, kind, span in wanted if kind in spans and len(spans[kind][span])]
 
 
+def _probe_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled rows; zero (not NaN) when a batch has none, as tiny or
+    single-temporal-patch videos can (no cell has seen its shape move yet)."""
+    if not bool((target != IGNORE).any()):
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
 def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tuple[dict, list[torch.Tensor]]:
     rng = np.random.default_rng([cfg.seed, step, 10_000])
     frames, side, videos = int(rng.choice(cfg.frames)), cfg.side, cfg.batch_size
-    if cfg.long_videos and cfg.long_every and step >= cfg.easy_steps and step % cfg.long_every == 0:
+    if step < cfg.tiny_steps:
+        frames, side = cfg.tiny_video
+    elif cfg.long_videos and cfg.long_every and step >= cfg.easy_steps and step % cfg.long_every == 0:
         frames, side = cfg.long_videos[int(rng.integers(len(cfg.long_videos)))]
         videos = 1
     items, cells, directions, colours, binds = [], [], [], [], []
@@ -332,14 +352,12 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
         out = model(**batch, mm_encoder_outputs={"video": video}, output_hidden_states=True)
         lm_loss = out.loss
         visual = out.hidden_states[cfg.scene_layer][batch["input_ids"] == model.config.video_token_id]  # [N_visual, H]
-        ce = torch.nn.functional.cross_entropy
         d, c = len(DIRECTIONS), len(COLOURS)
         scene_logits = scene_probe(visual)  # [N_visual, 4 + 8 (+ 4)]
-        scene = (ce(scene_logits[:, :d], directions, ignore_index=IGNORE)
-                 + ce(scene_logits[:, d:d + c], colours, ignore_index=IGNORE))
+        scene = _probe_ce(scene_logits[:, :d], directions) + _probe_ce(scene_logits[:, d:d + c], colours)
         if cfg.bind_weight:
             kinds = torch.where(cells > 0, (cells - 1) // c, IGNORE)  # [N_visual]
-            scene = scene + ce(scene_logits[:, d + c:], kinds, ignore_index=IGNORE)
+            scene = scene + _probe_ce(scene_logits[:, d + c:], kinds)
         bind = (bind_inputs.bind_loss(cfg.bind_head, batch, binds, model.config.video_token_id)
                 if bind_inputs else torch.zeros(()))
         loss = lm_loss + cfg.aux_weight * aux + cfg.scene_weight * scene + cfg.bind_weight * bind

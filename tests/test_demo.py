@@ -222,3 +222,20 @@ def test_binding_loss_is_the_layers_own_attention():
             expect.append(torch.stack([-out.attentions[layer][b, head, answer + i - 1, video + cells].sum().log()
                                        for i, cells in pairs]).mean())
     torch.testing.assert_close(loss, torch.stack(expect).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_probe_loss_is_zero_not_nan_without_labels_and_tiny_videos_are_validated():
+    import torch
+
+    from sparrow.train_target import IGNORE, TargetTrainConfig, _probe_ce
+
+    logits = torch.randn(5, 4, requires_grad=True)
+    none = _probe_ce(logits, torch.full((5,), IGNORE))
+    none.backward()
+    assert float(none) == 0.0 and torch.equal(logits.grad, torch.zeros(5, 4))
+    some = torch.tensor([IGNORE, 2, IGNORE, 0, IGNORE])
+    torch.testing.assert_close(_probe_ce(logits, some), torch.nn.functional.cross_entropy(logits[[1, 3]], some[[1, 3]]))
+    with pytest.raises(ValueError, match="tiny_video"):
+        TargetTrainConfig(tiny_steps=10, tiny_video=(4, 20))
+    with pytest.raises(ValueError, match="shape_share"):
+        TargetTrainConfig(shape_share=1.5)

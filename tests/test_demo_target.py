@@ -1,6 +1,7 @@
 """The embedded demo target: loads from the package, is exact under AR decoding, and reads the video."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -82,9 +83,11 @@ def test_cli_train_target_fine_tune_stage_from_a_config(tmp_path):
     assert err.returncode != 0 and "bind_wieght" in err.stderr
     cfg = tmp_path / "stage.json"
     cfg.write_text(json.dumps({"init": str(DEMO_TARGET_DIR), "steps": 2, "batch_size": 2, "easy_steps": 0,
-                               "long_every": 0, "warmup": 1, "lr": 1e-5, "bind_weight": 1.0, "eval_videos": 2}))
+                               "long_every": 0, "warmup": 1, "lr": 1e-5, "bind_weight": 1.0, "eval_videos": 2,
+                               "shape_share": 0.5, "tiny_steps": 1, "tiny_video": [4, 32]}))
     out = subprocess.run(cli + ["--config", str(cfg), "--out", str(tmp_path / "out"), "--json"], check=True,
                          capture_output=True, text=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["config"]["bind_weight"] == 1.0 and len(rec["loss_every_100"]) == 1
+    assert rec["config"]["tiny_video"] == [4, 32] and all(math.isfinite(x) for x in rec["loss_every_100"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
