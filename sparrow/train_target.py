@@ -227,7 +227,8 @@ def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tu
     items, cells, directions, colours, binds = [], [], [], [], []
     for j in range(videos):
         n_shapes = int(rng.integers(1, 3)) if step < cfg.easy_steps else None
-        task = "shape" if rng.random() < cfg.shape_share else "mixed"
+        # no draw when off, so the committed recipe's stream of curriculum shape counts stays as it was
+        task = "shape" if cfg.shape_share and rng.random() < cfg.shape_share else "mixed"
         ex = make_example(_example_seed(cfg, step, j), task, num_frames=frames, side=side, n_shapes=n_shapes)
         items.append((ex.frames, ex.prompt, ex.answer))
         cells.append(cell_targets(ex.scene, frames, side, spec))
