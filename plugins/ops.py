@@ -2,7 +2,7 @@
 
 Window attention runs the project's multi-token attention on CPU (the fused C++ op where it builds,
 as the target runtime does; `SPARROW_ATTENTION=torch` forces torch) and the Triton kernel on CUDA;
-the handoff runs the reference on CPU. The fake implementations carry shapes through torch.export /
+the handoff a vectorised copy on CPU (held to the reference by tests) and the Triton kernel on CUDA. The fake implementations carry shapes through torch.export /
 torch.compile, so both see a single `sparrow::` node instead of tracing into it.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .shapes import check_attention, check_handoff
+from .shapes import check_attention, check_handoff, check_handoff_counts
 
 ATTENTION_OP = "sparrow::text_anchored_window_attention"
 HANDOFF_OP = "sparrow::handoff"
@@ -80,6 +80,22 @@ def _handoff_cuda(window, hidden, accepted, text_mask, anchors):
     from . import triton_kernels
 
     return triton_kernels.handoff(window, hidden, accepted, text_mask, anchors)
+
+
+@_handoff.register_kernel("cpu")
+def _handoff_cpu(window, hidden, accepted, text_mask, anchors):
+    # The draft hands off every round, a handful of rows: one index_copy_ per sequence instead of the
+    # reference's per-row Python loop.
+    dims = check_handoff(window, hidden, accepted, text_mask, anchors)
+    check_handoff_counts(accepted, anchors, dims.rows)
+    new = anchors.clone()  # [B]
+    for b, (n, start) in enumerate(zip(accepted.tolist(), anchors.tolist())):
+        rows = hidden[b, :n][text_mask[b, :n]]  # [m, H]
+        m = rows.shape[0]
+        keep = min(m, dims.window)  # appended in order, so only the last W of them survive
+        window[b].index_copy_(0, (start + torch.arange(m - keep, m)) % dims.window, rows[m - keep:])
+        new[b] = start + m
+    return new
 
 
 @_handoff.register_fake

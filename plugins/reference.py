@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .shapes import PluginInputError, check_attention, check_handoff
+from .shapes import PluginInputError, check_attention, check_handoff, check_handoff_counts
 
 
 def valid_slots(anchors: torch.Tensor, window: int) -> torch.Tensor:
@@ -72,10 +72,7 @@ def handoff(
     `valid_slots(new, W)` gives the new valid lengths.
     """
     dims = check_handoff(window, hidden, accepted, text_mask, anchors)
-    if bool(((accepted < 0) | (accepted > dims.rows)).any()):
-        raise PluginInputError(f"accepted counts {accepted.tolist()} must lie in [0, T={dims.rows}]")
-    if bool((anchors < 0).any()):
-        raise PluginInputError(f"anchor counts {anchors.tolist()} must be non-negative")
+    check_handoff_counts(accepted, anchors, dims.rows)
     new_anchors = anchors.clone()
     for b in range(dims.batch):
         n = int(accepted[b])

@@ -125,3 +125,10 @@ def check_handoff(
     _require(accepted.shape[0] == b, f"accepted has {accepted.shape[0]} entries, batch is {b}")
     _require(anchors.shape[0] == b, f"anchors has {anchors.shape[0]} entries, batch is {b}")
     return HandoffDims(batch=b, window=w, hidden=h, rows=t)
+
+
+def check_handoff_counts(accepted: torch.Tensor, anchors: torch.Tensor, rows: int) -> None:
+    """Value checks (host-side, so not in the fake/meta path): accepted in [0, T], anchors >= 0."""
+    _require(not bool(((accepted < 0) | (accepted > rows)).any()),
+             f"accepted counts {accepted.tolist()} must lie in [0, T={rows}]")
+    _require(not bool((anchors < 0).any()), f"anchor counts {anchors.tolist()} must be non-negative")

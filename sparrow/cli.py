@@ -96,17 +96,21 @@ def _load_draft(path: str | None, target, strategy: str):
 
 
 def cmd_eval_target(a):
-    from .evaluate import eval_target
+    from .evaluate import eval_binding, eval_target
 
     target = _load_target(a.model)
     res = eval_target(target.model, target.tokenizer, videos=a.videos, seed=a.seed)
+    bind = eval_binding(target.model, target.tokenizer, videos=a.binding, seed=a.seed) if a.binding else None
     if a.json:
-        print(json.dumps(res.to_json()))
+        print(json.dumps({**res.to_json(), **({"binding": bind.to_json()} if bind else {})}))
         return
     print(f"videos: {res.videos}\nanswer accuracy: {res.accuracy:.1%} (bar: >= 90%)\n"
           f"blank-frame accuracy: {res.blank_accuracy:.1%} (bar: < 40%)")
     for k, v in res.by_kind.items():
         print(f"  {k:14s} {v:.1%}")
+    if bind:
+        print(f"binding: asked the colour of each shape of {bind.videos} videos of 2+ shapes, the answer changed "
+              f"with the asked shape in {bind.changed}; {bind.accuracy:.1%} right")
 
 
 def cmd_generate(a):
@@ -351,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--videos", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="evaluation video set (never used in training)")
+    p.add_argument("--binding", type=int, default=0, metavar="N",
+                   help="also ask the colour of every shape of the first N videos (those of 2+ shapes) and count "
+                        "the videos whose answer changes with the asked shape")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval_target)
 

@@ -320,7 +320,7 @@ class WindowContext:
         handoff(self.ring_pos, positions.to(torch.float32)[..., None], n, self.anchors.clone(), text_mask)
         self.anchors = handoff(self.ring, feats.to(self.ring.dtype), n, self.anchors, text_mask)
         w, written = self.draft.cfg.window, int(self.anchors) - before
-        slots = torch.tensor([(before + i) % w for i in range(max(0, written - w), written)], dtype=torch.long)
+        slots = (before + torch.arange(max(0, written - w), written)) % w  # the ring slots just written
         if len(slots):
             k, v = self.draft.kv(self.ring[:, slots], self.ring_pos[:, slots, 0])  # [1, Hkv, len(slots), D]
             self.k_ring[:, :, slots] = k

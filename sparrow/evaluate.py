@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from .demo.data import DEFAULT_FRAMES, DEFAULT_SIDE, make_example
+from .demo.text import questions
 from .processing import VisionSpec, build_batch
 
 EVAL_SEED_BASE = 2_000_000_000  # training draws seeds below 1e9, so these videos are never trained on
@@ -47,3 +48,35 @@ def eval_target(model, tokenizer, videos: int = 200, seed: int = 0, num_frames: 
         per_kind[ex.kind] = (n + 1, k + ok)
     return EvalResult(videos, hits / videos, blank_hits / videos,
                       {k: ok / n for k, (n, ok) in sorted(per_kind.items())})
+
+
+@dataclass
+class BindingResult:
+    """Does the answer follow the asked shape? Each video of two or more shapes is asked the colour
+    (when it appears) of each of its shapes in turn."""
+    videos: int  # videos of two or more shapes
+    changed: int  # of those, videos where not every asked shape got the same answer
+    accuracy: float  # over all the (video, shape) questions asked
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def eval_binding(model, tokenizer, videos: int = 80, seed: int = 0, num_frames: int = DEFAULT_FRAMES,
+                 side: int = DEFAULT_SIDE, progress: bool = True) -> BindingResult:
+    """A model that answers by the question's type alone gives one answer per video whatever shape is
+    asked; accuracy alone hides that, since one shape's colour is often right by luck."""
+    spec = VisionSpec.from_config(model.config.vision_config)
+    model.eval()
+    multi, changed, hits, asked = 0, 0, 0, 0
+    for i in tqdm(range(videos), desc="eval binding", disable=not progress):
+        ex = make_example(EVAL_SEED_BASE + seed * 100_000 + i, task="question", num_frames=num_frames, side=side)
+        qs = [q for q in questions(ex.scene) if q.kind == "colour_appear"]
+        if len(qs) < 2:
+            continue
+        got = [answer(model, tokenizer, spec, ex.frames, q.question) for q in qs]
+        multi += 1
+        changed += len(set(got)) > 1
+        hits += sum(g == q.answer for g, q in zip(got, qs))
+        asked += len(qs)
+    return BindingResult(multi, changed, hits / max(asked, 1))

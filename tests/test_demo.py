@@ -239,3 +239,24 @@ def test_probe_loss_is_zero_not_nan_without_labels_and_tiny_videos_are_validated
         TargetTrainConfig(tiny_steps=10, tiny_video=(4, 20))
     with pytest.raises(ValueError, match="shape_share"):
         TargetTrainConfig(shape_share=1.5)
+
+
+def test_copy_stage_batches_ask_for_one_shape_on_tiny_videos():
+    """The copy stage's steps: every example "describe the <kind> ." on a tiny video; afterwards the usual mix."""
+    from sparrow.demo.model import demo_config
+    from sparrow.demo.tokenizer import build_tokenizer
+    from sparrow.processing import VisionSpec
+    from sparrow.train_target import TargetTrainConfig, _batch
+
+    tok = build_tokenizer()
+    spec = VisionSpec.from_config(demo_config(tok).vision_config)
+    cfg = TargetTrainConfig(copy_steps=2, batch_size=6, long_every=0)
+    asks = [f"describe the {k} ." for k in KINDS]
+    copy, _ = _batch(cfg, tok, spec, 1)
+    assert all(any(a in tok.decode(ids) for a in asks) for ids in copy["input_ids"])
+    assert all(t * h * w // 4 == 8 for t, h, w in copy["video_grid_thw"].tolist())  # 4 frames at 32 px
+    after, _ = _batch(cfg, tok, spec, 2)
+    assert not any(any(a in tok.decode(ids) for a in asks) for ids in after["input_ids"])
+    assert all(t * h * w // 4 > 8 for t, h, w in after["video_grid_thw"].tolist())
+    with pytest.raises(ValueError, match="copy_steps"):
+        TargetTrainConfig(copy_steps=-1)

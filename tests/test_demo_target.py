@@ -31,6 +31,20 @@ def test_ar_greedy_equals_transformers_generate_over_many_videos(target):
         assert res.token_ids == ref[0, inputs["input_ids"].shape[1]:].tolist(), i
 
 
+def test_eval_cli_reports_accuracy_and_binding():
+    """`sparrow eval target --binding N`: the binding check asks every shape of the videos of 2+ shapes."""
+    from sparrow.demo.world import make_scene
+    from sparrow.evaluate import EVAL_SEED_BASE
+
+    out = subprocess.run([sys.executable, "-m", "sparrow.cli", "eval", "target", "--videos", "3", "--binding", "6",
+                          "--json"], check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["videos"] == 3 and 0 <= res["accuracy"] <= 1 and 0 <= res["blank_accuracy"] <= 1
+    multi = sum(len(make_scene(EVAL_SEED_BASE + i).shapes) > 1 for i in range(6))
+    bind = res["binding"]
+    assert bind["videos"] == multi > 0 and 0 <= bind["changed"] <= multi and 0 <= bind["accuracy"] <= 1
+
+
 def test_model_reads_the_video(target):
     """Real frames must beat blank frames clearly: the answers come from the video, not a prior.
 

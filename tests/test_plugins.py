@@ -122,18 +122,25 @@ HANDOFF_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", HANDOFF_CASES, ids=lambda c: f"B{c[0]}W{c[1]}H{c[2]}T{c[3]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_handoff_kernel_matches_reference(kernels, case, dtype):
+def _handoff_inputs(case, dtype):
+    """(seed, window, hidden, text mask, accepted, anchors) of one HANDOFF_CASES row, drawn at random."""
     b, w, h, t, accepted, anchors = case
     seed = _seed()
     g = torch.Generator().manual_seed(seed)
     window = torch.randn(b, w, h, generator=g).to(dtype)  # [B, W, H]
     hidden = torch.randn(b, t, h, generator=g).to(dtype)  # [B, T, H]
     text = torch.rand(b, t, generator=g) < 0.7  # [B, T]
-    # int32 counts for the last case: the kernel must keep the caller's index dtype.
+    # int32 counts for the last case: kernels must keep the caller's index dtype.
     index_dtype = torch.int32 if case is HANDOFF_CASES[-1] else torch.int64
-    accepted, anchors = torch.tensor(accepted, dtype=index_dtype), torch.tensor(anchors, dtype=index_dtype)
+    return (seed, window, hidden, text, torch.tensor(accepted, dtype=index_dtype),
+            torch.tensor(anchors, dtype=index_dtype))
+
+
+@pytest.mark.parametrize("case", HANDOFF_CASES, ids=lambda c: f"B{c[0]}W{c[1]}H{c[2]}T{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_handoff_kernel_matches_reference(kernels, case, dtype):
+    seed, window, hidden, text, accepted, anchors = _handoff_inputs(case, dtype)
+    index_dtype = accepted.dtype
     expected_window = window.clone()
     expected = reference.handoff(expected_window, hidden, accepted, text, anchors)
     got_window = window.to(DEVICE)
@@ -142,6 +149,21 @@ def test_handoff_kernel_matches_reference(kernels, case, dtype):
     assert out.dtype == expected.dtype == index_dtype
     assert out.cpu().tolist() == expected.tolist(), f"seed {seed}"
     assert torch.equal(got_window.cpu(), expected_window), f"seed {seed}"
+
+
+@pytest.mark.parametrize("case", HANDOFF_CASES, ids=lambda c: f"B{c[0]}W{c[1]}H{c[2]}T{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_handoff_op_matches_reference(case, dtype):
+    """The op's CPU kernel (a vectorised copy the draft calls every round) against the row-by-row reference."""
+    seed, window, hidden, text, accepted, anchors = _handoff_inputs(case, dtype)
+    index_dtype, t = accepted.dtype, hidden.shape[1]
+    expected_window, got_window = window.clone(), window.clone()
+    expected = reference.handoff(expected_window, hidden, accepted, text, anchors)
+    got = torch.ops.sparrow.handoff(got_window, hidden, accepted, text, anchors)
+    assert got.dtype == index_dtype and got.tolist() == expected.tolist(), f"seed {seed}"
+    assert torch.equal(got_window, expected_window), f"seed {seed}"
+    with pytest.raises(PluginInputError, match="accepted counts"):
+        torch.ops.sparrow.handoff(got_window, hidden, accepted + t + 1, text, anchors)
 
 
 def test_reference_handoff_writes_a_ring_in_order():
