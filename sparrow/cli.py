@@ -96,11 +96,14 @@ def _load_draft(path: str | None, target, strategy: str):
 
 
 def cmd_eval_target(a):
-    from .evaluate import eval_binding, eval_target
+    from .demo.model import DEMO_TARGET_DIR
+    from .evaluate import eval_binding, eval_target, trained_with_echo
 
     target = _load_target(a.model)
-    res = eval_target(target.model, target.tokenizer, videos=a.videos, seed=a.seed)
-    bind = eval_binding(target.model, target.tokenizer, videos=a.binding, seed=a.seed) if a.binding else None
+    echo = trained_with_echo(a.model or DEMO_TARGET_DIR)
+    res = eval_target(target.model, target.tokenizer, videos=a.videos, seed=a.seed, echo=echo)
+    bind = (eval_binding(target.model, target.tokenizer, videos=a.binding, seed=a.seed, echo=echo)
+            if a.binding else None)
     if a.json:
         print(json.dumps({**res.to_json(), **({"binding": bind.to_json()} if bind else {})}))
         return

@@ -14,6 +14,16 @@ from .processing import VisionSpec, build_batch
 EVAL_SEED_BASE = 2_000_000_000  # training draws seeds below 1e9, so these videos are never trained on
 
 
+def trained_with_echo(model_dir) -> bool:
+    """Whether a target directory's model was trained on echoed answers (its `training.json`), so it is
+    asked and scored in that form; directories without the record (any HF model) get one-word answers."""
+    import json
+    from pathlib import Path
+
+    record = Path(model_dir) / "training.json"
+    return bool(record.is_file() and json.loads(record.read_text()).get("config", {}).get("echo_answers", False))
+
+
 @dataclass
 class EvalResult:
     videos: int
@@ -26,22 +36,23 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def answer(model, tokenizer, spec: VisionSpec, frames, prompt: str, max_new_tokens: int = 4) -> str:
+def answer(model, tokenizer, spec: VisionSpec, frames, prompt: str, max_new_tokens: int = 8) -> str:
     inputs = build_batch(tokenizer, spec, [(frames, prompt, None)])
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def eval_target(model, tokenizer, videos: int = 200, seed: int = 0, num_frames: int = DEFAULT_FRAMES,
-                side: int = DEFAULT_SIDE, progress: bool = True) -> EvalResult:
+                side: int = DEFAULT_SIDE, progress: bool = True, echo: bool = False) -> EvalResult:
+    """`echo`: the model was trained on answers that name the asked shape first (`questions`)."""
     spec = VisionSpec.from_config(model.config.vision_config)
     model.eval()
     hits, blank_hits, per_kind = 0, 0, {}
     for i in tqdm(range(videos), desc="eval target", disable=not progress):
         s = EVAL_SEED_BASE + seed * 100_000 + i
-        ex = make_example(s, task="question", num_frames=num_frames, side=side)
+        ex = make_example(s, task="question", num_frames=num_frames, side=side, echo=echo)
         ok = answer(model, tokenizer, spec, ex.frames, ex.prompt) == ex.answer
-        blank = make_example(s, task="question", num_frames=num_frames, side=side, blank=True)
+        blank = make_example(s, task="question", num_frames=num_frames, side=side, blank=True, echo=echo)
         hits += ok
         blank_hits += answer(model, tokenizer, spec, blank.frames, blank.prompt) == blank.answer
         n, k = per_kind.get(ex.kind, (0, 0))
@@ -63,7 +74,7 @@ class BindingResult:
 
 
 def eval_binding(model, tokenizer, videos: int = 80, seed: int = 0, num_frames: int = DEFAULT_FRAMES,
-                 side: int = DEFAULT_SIDE, progress: bool = True) -> BindingResult:
+                 side: int = DEFAULT_SIDE, progress: bool = True, echo: bool = False) -> BindingResult:
     """A model that answers by the question's type alone gives one answer per video whatever shape is
     asked; accuracy alone hides that, since one shape's colour is often right by luck."""
     spec = VisionSpec.from_config(model.config.vision_config)
@@ -71,12 +82,13 @@ def eval_binding(model, tokenizer, videos: int = 80, seed: int = 0, num_frames: 
     multi, changed, hits, asked = 0, 0, 0, 0
     for i in tqdm(range(videos), desc="eval binding", disable=not progress):
         ex = make_example(EVAL_SEED_BASE + seed * 100_000 + i, task="question", num_frames=num_frames, side=side)
-        qs = [q for q in questions(ex.scene) if q.kind == "colour_appear"]
+        qs = [q for q in questions(ex.scene, echo) if q.kind == "colour_appear"]
         if len(qs) < 2:
             continue
         got = [answer(model, tokenizer, spec, ex.frames, q.question) for q in qs]
         multi += 1
-        changed += len(set(got)) > 1
+        # an echoed answer names the asked shape, so compare the colour alone
+        changed += len({g.split()[-2] if echo and g.endswith(" .") else g for g in got}) > 1
         hits += sum(g == q.answer for g, q in zip(got, qs))
         asked += len(qs)
     return BindingResult(multi, changed, hits / max(asked, 1))

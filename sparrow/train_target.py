@@ -60,6 +60,10 @@ class TargetTrainConfig:
     # asked and mark itself, making the binding of the asked kind to its cells a per-cell step. Trained
     # from scratch this way the answers were no better (73.5% against 74.0%, README), so it stays off.
     text_first: bool = False
+    # Answers to questions about one shape name it first ("the square is red ."; `questions`): the word
+    # that needs the video then sits right after the asked kind, which the answer has just copied from the
+    # prompt, instead of a dozen tokens away from it (the kind word there got <= 0.01 attention).
+    echo_answers: bool = False
     # Share of examples that ask for one shape by its kind ("describe the square ." -> that shape's
     # clause). The committed model answers a colour question with the same shape's colour whichever
     # kind is asked (it never uses the kind word); here every answer word depends on the asked kind.
@@ -209,7 +213,9 @@ def bind_targets(ex: Example, cells: np.ndarray) -> list[tuple[int, np.ndarray]]
                 wanted.append((i, ex.scene.shapes[clause].kind, span))
             clause += word == "."
     else:
-        wanted = [(0, ex.shape, _QUESTION_SPANS[ex.kind])] if ex.kind in _QUESTION_SPANS else []
+        # the attribute is the one-word answer, or an echoed answer's last word before "."
+        at = len(ex.answer.split()) - 2 if ex.answer.endswith(" .") else 0
+        wanted = [(at, ex.shape, _QUESTION_SPANS[ex.kind])] if ex.kind in _QUESTION_SPANS else []
     return [(i, spans[kind][span]) for i, kind, span in wanted if kind in spans and len(spans[kind][span])]
 
 
@@ -235,7 +241,8 @@ def _batch(cfg: TargetTrainConfig, tokenizer, spec: VisionSpec, step: int) -> tu
         n_shapes = int(rng.integers(1, 3)) if step < cfg.easy_steps and not copying else None
         # no draw when off, so the committed recipe's stream of curriculum shape counts stays as it was
         task = "shape" if copying or (cfg.shape_share and rng.random() < cfg.shape_share) else "mixed"
-        ex = make_example(_example_seed(cfg, step, j), task, num_frames=frames, side=side, n_shapes=n_shapes)
+        ex = make_example(_example_seed(cfg, step, j), task, num_frames=frames, side=side, n_shapes=n_shapes,
+                          echo=cfg.echo_answers)
         items.append((ex.frames, ex.prompt, ex.answer))
         cells.append(cell_targets(ex.scene, frames, side, spec))
         d, c = scene_targets(ex.scene, cells[-1], -(-frames // spec.temporal_patch_size))
@@ -378,7 +385,7 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
                         bind=f"{bind.item():.3f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            res = eval_target(model, tokenizer, videos=cfg.eval_videos, seed=1, progress=False)
+            res = eval_target(model, tokenizer, videos=cfg.eval_videos, seed=1, progress=False, echo=cfg.echo_answers)
             tqdm.write(f"step {done}: accuracy {res.accuracy:.3f} blank {res.blank_accuracy:.3f} {res.by_kind}")
             model.train()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

@@ -260,3 +260,45 @@ def test_copy_stage_batches_ask_for_one_shape_on_tiny_videos():
     assert all(t * h * w // 4 > 8 for t, h, w in after["video_grid_thw"].tolist())
     with pytest.raises(ValueError, match="copy_steps"):
         TargetTrainConfig(copy_steps=-1)
+
+
+def test_echo_answers_name_the_asked_shape_before_its_attribute():
+    """With `echo`, a question about one shape is answered "the <kind> is|moves <word> ." (the same word as
+    the one-word answer); the binding supervision points at that word; questions about the scene are as before."""
+    from sparrow.demo.data import make_example
+    from sparrow.demo.model import demo_config
+    from sparrow.demo.tokenizer import build_tokenizer
+    from sparrow.processing import VisionSpec
+    from sparrow.train_target import bind_targets, cell_targets
+
+    for seed in range(6):
+        scene = make_scene(seed)
+        for plain, echo in zip(questions(scene), questions(scene, echo=True)):
+            assert (plain.kind, plain.question, plain.shape) == (echo.kind, echo.question, echo.shape)
+            if plain.shape is None:
+                assert echo.answer == plain.answer
+            else:
+                verb = "moves" if plain.kind == "direction" else "is"
+                assert echo.answer == f"the {plain.shape} {verb} {plain.answer} ."
+    tok = build_tokenizer()
+    spec = VisionSpec.from_config(demo_config(tok).vision_config)
+    pointed = 0
+    for seed in range(12):
+        ex = make_example(seed, "question", num_frames=16, echo=True)
+        assert len(tok(ex.answer, add_special_tokens=False)["input_ids"]) == len(ex.answer.split())
+        for i, cells in bind_targets(ex, cell_targets(ex.scene, 16, 64, spec)):
+            assert ex.answer.split()[i] == ex.answer.split()[-2] and len(cells)
+            pointed += 1
+    assert pointed > 3
+
+
+def test_a_target_trained_on_echoed_answers_is_scored_in_that_form(tmp_path):
+    import json
+
+    from sparrow.evaluate import trained_with_echo
+
+    assert not trained_with_echo(tmp_path)  # no record: a plain HF directory
+    (tmp_path / "training.json").write_text(json.dumps({"config": {"echo_answers": True}}))
+    assert trained_with_echo(tmp_path)
+    (tmp_path / "training.json").write_text(json.dumps({"config": {"seed": 0}}))
+    assert not trained_with_echo(tmp_path)

@@ -29,9 +29,11 @@ class Example:
 
 
 def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAMES,
-                 side: int = DEFAULT_SIDE, blank: bool = False, n_shapes: int | None = None) -> Example:
+                 side: int = DEFAULT_SIDE, blank: bool = False, n_shapes: int | None = None,
+                 echo: bool = False) -> Example:
     """task: "caption", "question", "mixed" (half each, chosen by the seed) or "shape" (one shape,
-    drawn by the seed, described by its kind: "describe the square ." -> its clause)."""
+    drawn by the seed, described by its kind: "describe the square ." -> its clause); `echo`: answers
+    about one shape name it first (`questions`)."""
     if task not in ("caption", "question", "mixed", "shape"):
         raise ValueError(f"task must be caption, question, mixed or shape, got {task!r}")
     rng = np.random.default_rng([seed, 7])
@@ -45,5 +47,5 @@ def make_example(seed: int, task: str = "mixed", num_frames: int = DEFAULT_FRAME
         return Example(scene, frames, shape_prompt(shape.kind), clause(shape), "shape", shape.kind)
     if task == "caption" or (task == "mixed" and rng.random() < 0.5):
         return Example(scene, frames, CAPTION_PROMPT, caption(scene), "caption")
-    qa = sample_question(scene, rng)
+    qa = sample_question(scene, rng, echo)
     return Example(scene, frames, qa.question, qa.answer, qa.kind, qa.shape)

@@ -41,22 +41,29 @@ def shape_prompt(kind: str) -> str:
     return f"describe the {kind} ."
 
 
-def questions(scene: Scene) -> list[QA]:
-    """Every question the scene answers, one word each."""
+def questions(scene: Scene, echo: bool = False) -> list[QA]:
+    """Every question the scene answers, one word each; with `echo`, a question about one shape is
+    answered by a sentence that names the shape first ("the square is red ."), so the word that needs
+    the video comes right after the asked kind, not a dozen tokens after it."""
+    def say(kind: str, verb: str, word: str) -> str:
+        return f"the {kind} {verb} {word} ." if echo else word
+
     out = [
         QA("count", "how many shapes are there ?", NUMBERS[len(scene.shapes) - 1]),
         QA("first", "which shape appears first ?", scene.shapes[0].kind),
     ]
     for s in scene.shapes:
-        out.append(QA("colour_appear", f"what colour is the {s.kind} when it appears ?", s.colour, s.kind))
-        out.append(QA("colour_end", f"what colour is the {s.kind} at the end ?", s.final_colour, s.kind))
-        out.append(QA("direction", f"which way does the {s.kind} move ?", s.direction, s.kind))
+        out.append(QA("colour_appear", f"what colour is the {s.kind} when it appears ?", say(s.kind, "is", s.colour),
+                      s.kind))
+        out.append(QA("colour_end", f"what colour is the {s.kind} at the end ?", say(s.kind, "is", s.final_colour),
+                      s.kind))
+        out.append(QA("direction", f"which way does the {s.kind} move ?", say(s.kind, "moves", s.direction), s.kind))
     return out
 
 
-def sample_question(scene: Scene, rng: np.random.Generator) -> QA:
+def sample_question(scene: Scene, rng: np.random.Generator, echo: bool = False) -> QA:
     """A question drawn with its kind uniform, so no kind dominates training or evaluation."""
-    qs = questions(scene)
+    qs = questions(scene, echo)
     kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
     pool = [q for q in qs if q.kind == kind]
     return pool[int(rng.integers(len(pool)))]
