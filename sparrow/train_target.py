@@ -60,9 +60,9 @@ class TargetTrainConfig:
     # asked and mark itself, making the binding of the asked kind to its cells a per-cell step. Trained
     # from scratch this way the answers were no better (73.5% against 74.0%, README), so it stays off.
     text_first: bool = False
-    # Answers to questions about one shape name it first ("the square is red ."; `questions`): the word
-    # that needs the video then sits right after the asked kind, which the answer has just copied from the
-    # prompt, instead of a dozen tokens away from it (the kind word there got <= 0.01 attention).
+    # Answers to questions about one shape name it first ("square red ."; `questions`): the word that needs
+    # the video is then predicted at the kind token, copied from the prompt, instead of a dozen tokens after
+    # the prompt's kind word (which got <= 0.01 attention there).
     echo_answers: bool = False
     # Share of examples that ask for one shape by its kind ("describe the square ." -> that shape's
     # clause). The committed model answers a colour question with the same shape's colour whichever
