@@ -55,10 +55,10 @@ class SpeedupBenchConfig:
 def bench_videos(n_visual: int, count: int) -> list:
     from sparrow.demo.text import CAPTION_PROMPT
     from sparrow.demo.world import frames_for_visual_tokens, make_scene, render
-    from sparrow.evaluate import EVAL_SEED_BASE
+    from sparrow.evaluate import eval_seed
 
     frames, side = frames_for_visual_tokens(n_visual)
-    return [(render(make_scene(EVAL_SEED_BASE + BENCH_SEED * 100_000 + i), frames, side, side), CAPTION_PROMPT)
+    return [(render(make_scene(eval_seed(BENCH_SEED, i)), frames, side, side), CAPTION_PROMPT)
             for i in range(count)]
 
 

@@ -2,8 +2,9 @@
 
 Window attention runs the project's multi-token attention on CPU (the fused C++ op where it builds,
 as the target runtime does; `SPARROW_ATTENTION=torch` forces torch) and the Triton kernel on CUDA;
-the handoff a vectorised copy on CPU (held to the reference by tests) and the Triton kernel on CUDA. The fake implementations carry shapes through torch.export /
-torch.compile, so both see a single `sparrow::` node instead of tracing into it.
+the handoff a vectorised copy on CPU (held to the reference by tests) and the Triton kernel on CUDA.
+The fake implementations carry shapes through torch.export / torch.compile, so both see a single
+`sparrow::` node instead of tracing into it.
 """
 
 from __future__ import annotations

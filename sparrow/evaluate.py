@@ -9,9 +9,15 @@ from tqdm import tqdm
 
 from .demo.data import DEFAULT_FRAMES, DEFAULT_SIDE, make_example
 from .demo.text import questions
+from .demo.world import make_scene
 from .processing import VisionSpec, build_batch
 
 EVAL_SEED_BASE = 2_000_000_000  # training draws seeds below 1e9, so these videos are never trained on
+
+
+def eval_seed(seed: int, i: int) -> int:
+    """The i-th video of evaluation set `seed`: accuracy and binding checks read the same videos."""
+    return EVAL_SEED_BASE + seed * 100_000 + i
 
 
 def trained_with_echo(model_dir) -> bool:
@@ -49,7 +55,7 @@ def eval_target(model, tokenizer, videos: int = 200, seed: int = 0, num_frames: 
     model.eval()
     hits, blank_hits, per_kind = 0, 0, {}
     for i in tqdm(range(videos), desc="eval target", disable=not progress):
-        s = EVAL_SEED_BASE + seed * 100_000 + i
+        s = eval_seed(seed, i)
         ex = make_example(s, task="question", num_frames=num_frames, side=side, echo=echo)
         ok = answer(model, tokenizer, spec, ex.frames, ex.prompt) == ex.answer
         blank = make_example(s, task="question", num_frames=num_frames, side=side, blank=True, echo=echo)
@@ -81,10 +87,10 @@ def eval_binding(model, tokenizer, videos: int = 80, seed: int = 0, num_frames: 
     model.eval()
     multi, changed, hits, asked = 0, 0, 0, 0
     for i in tqdm(range(videos), desc="eval binding", disable=not progress):
-        ex = make_example(EVAL_SEED_BASE + seed * 100_000 + i, task="question", num_frames=num_frames, side=side)
-        qs = [q for q in questions(ex.scene, echo) if q.kind == "colour_appear"]
-        if len(qs) < 2:
+        if len(make_scene(eval_seed(seed, i)).shapes) < 2:  # skip before rendering and encoding the video
             continue
+        ex = make_example(eval_seed(seed, i), task="question", num_frames=num_frames, side=side)
+        qs = [q for q in questions(ex.scene, echo) if q.kind == "colour_appear"]
         got = [answer(model, tokenizer, spec, ex.frames, q.question) for q in qs]
         multi += 1
         # an echoed answer names the asked shape, so compare the colour alone
