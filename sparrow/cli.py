@@ -26,8 +26,10 @@ def _load_target(model: str | None):
 
 def cmd_demo_video(a):
     from .demo.data import DEFAULT_FRAMES
+    from .demo.model import DEMO_TARGET_DIR
     from .demo.text import caption, questions
     from .demo.world import frames_for_visual_tokens, make_scene, render
+    from .evaluate import trained_with_echo
     from .video import encode
 
     frames, side = frames_for_visual_tokens(a.visual_tokens) if a.visual_tokens else (DEFAULT_FRAMES, a.side)
@@ -35,7 +37,7 @@ def cmd_demo_video(a):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode(render(scene, frames, side, side)))
-    qs = questions(scene)
+    qs = questions(scene, trained_with_echo(DEMO_TARGET_DIR))  # answers in the form the embedded target gives
     q = next((x for x in qs if x.kind == a.question_kind), qs[0])
     meta = {"seed": a.seed, "num_frames": frames, "height": side, "width": side,
             "visual_tokens": frames // 2 * (side // 16) ** 2, "caption": caption(scene),

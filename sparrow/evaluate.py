@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from .demo.data import DEFAULT_FRAMES, DEFAULT_SIDE, make_example
-from .demo.text import questions
+from .demo.text import attribute_index, questions
 from .demo.world import make_scene
 from .processing import VisionSpec, build_batch
 
@@ -94,7 +94,7 @@ def eval_binding(model, tokenizer, videos: int = 80, seed: int = 0, num_frames: 
         got = [answer(model, tokenizer, spec, ex.frames, q.question) for q in qs]
         multi += 1
         # an echoed answer names the asked shape, so compare the colour alone
-        changed += len({g.split()[-2] if echo and g.endswith(" .") else g for g in got}) > 1
+        changed += len({g.split()[attribute_index(g)] if g else g for g in got}) > 1
         hits += sum(g == q.answer for g, q in zip(got, qs))
         asked += len(qs)
     return BindingResult(multi, changed, hits / max(asked, 1))

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .demo.data import Example, make_example
 from .demo.model import demo_config
+from .demo.text import attribute_index
 from .demo.tokenizer import build_tokenizer
 from .demo.world import COLOURS, DIRECTIONS, KINDS, NUM_OBJECT_CLASSES, Scene, object_classes
 from .processing import VisionSpec, build_batch
@@ -26,7 +27,7 @@ class TargetTrainConfig:
     seed: int = 0
     # A saved target directory to start from (a fine-tune) instead of random weights.
     init: str = ""
-    steps: int = 4400
+    steps: int = 5000
     batch_size: int = 8
     # Batches are small (8 videos, ~2k tokens): at 1e-3 and above the language model grew massive
     # residual activations within a few hundred steps and settled on ignoring the video.
@@ -49,10 +50,10 @@ class TargetTrainConfig:
     # Attention supervision for binding: one query head of layer `bind_layer`, at every position that
     # predicts a word about one shape (a question's answer; a caption's colour, kind, direction, new
     # colour), is trained to put its attention on that shape's cells; the layer reads the states the
-    # scene probe supervises. The committed model answers with another shape's attribute (it does not
-    # bind the asked shape to its cells). As a fine-tune this taught the head to look at a shape, not
-    # to pick it by the asked kind, and accuracy did not rise (README), so the recipe leaves it off.
-    bind_weight: float = 0.0
+    # scene probe supervises. Without it (and without echoed answers) the model answered with another
+    # shape's attribute; as a fine-tune alone it taught the head to look at a shape, not to pick it by the
+    # asked kind (README). With echo_answers and the copy stage it is part of the recipe that binds.
+    bind_weight: float = 0.3
     bind_layer: int = 3
     bind_head: int = 0
     # The question before the video in the prompt (the saved tokenizer's chat template carries the order,
@@ -63,7 +64,7 @@ class TargetTrainConfig:
     # Answers to questions about one shape name it first ("square red ."; `questions`): the word that needs
     # the video is then predicted at the kind token, copied from the prompt, instead of a dozen tokens after
     # the prompt's kind word (which got <= 0.01 attention there).
-    echo_answers: bool = False
+    echo_answers: bool = True
     # Share of examples that ask for one shape by its kind ("describe the square ." -> that shape's
     # clause). The committed model answers a colour question with the same shape's colour whichever
     # kind is asked (it never uses the kind word); here every answer word depends on the asked kind.
@@ -73,7 +74,7 @@ class TargetTrainConfig:
     frames: tuple[int, ...] = (16, 16, 24, 32)  # varied so the model does not tie itself to one length
     # Curriculum: scenes of 1-2 shapes first. From scratch, the model first learns the text prior
     # and only slowly learns to look; with few shapes any visible object answers the question.
-    easy_steps: int = 800
+    easy_steps: int = 1400
     # The first `tiny_steps` steps use tiny videos (`tiny_video`: frames, side; 4 frames at 32 px are 8
     # visual tokens), so that heads reading the prompt form before the video's hundreds of keys take
     # every head's attention (then a prompt word gets ~0.001 of it, and so almost no gradient).
@@ -83,7 +84,7 @@ class TargetTrainConfig:
     # with the probes off, so the answer can only come from reading the prompt's kind word. From scratch
     # and in fine-tunes the kind word was otherwise never read (attention <= 0.01 on it); 600 such steps
     # at 6e-4 taught a fine-tune to read it (P(asked kind) 0.996, README).
-    copy_steps: int = 0
+    copy_steps: int = 600
     side: int = 64
     # Every `long_every`-th step trains on one long or high-resolution video (frames, side) with as many
     # visual tokens as a whole regular batch, so the model meets the shape sizes and token counts of
@@ -91,7 +92,7 @@ class TargetTrainConfig:
     long_every: int = 4
     long_videos: tuple[tuple[int, int], ...] = ((64, 128), (16, 256))
     checkpoint_every: int = 100
-    eval_every: int = 500
+    eval_every: int = 1000
     eval_videos: int = 40
 
     def __post_init__(self):
@@ -213,9 +214,7 @@ def bind_targets(ex: Example, cells: np.ndarray) -> list[tuple[int, np.ndarray]]
                 wanted.append((i, ex.scene.shapes[clause].kind, span))
             clause += word == "."
     else:
-        # the attribute is the one-word answer, or an echoed answer's last word before "."
-        at = len(ex.answer.split()) - 2 if ex.answer.endswith(" .") else 0
-        wanted = [(at, ex.shape, _QUESTION_SPANS[ex.kind])] if ex.kind in _QUESTION_SPANS else []
+        wanted = [(attribute_index(ex.answer), ex.shape, _QUESTION_SPANS[ex.kind])] if ex.kind in _QUESTION_SPANS else []
     return [(i, spans[kind][span]) for i, kind, span in wanted if kind in spans and len(spans[kind][span])]
 
 

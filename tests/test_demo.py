@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sparrow.demo.text import CAPTION_PROMPT, NUMBERS, caption, questions, vocabulary
+from sparrow.demo.text import CAPTION_PROMPT, NUMBERS, attribute_index, caption, questions, vocabulary
 from sparrow.demo.tokenizer import build_tokenizer, save_tokenizer
 from sparrow.demo.world import (BACKGROUND, COLOURS, KINDS, Scene, blank_like, frames_for_visual_tokens,
                                 make_scene, render)
@@ -279,6 +279,8 @@ def test_echo_answers_name_the_asked_shape_before_its_attribute():
                 assert echo.answer == plain.answer
             else:
                 assert echo.answer == f"{plain.shape} {plain.answer} ."
+            assert echo.answer.split()[attribute_index(echo.answer)] == plain.answer
+            assert attribute_index(plain.answer) == 0
     tok = build_tokenizer()
     spec = VisionSpec.from_config(demo_config(tok).vision_config)
     pointed = 0

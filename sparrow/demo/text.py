@@ -62,6 +62,12 @@ def questions(scene: Scene, echo: bool = False) -> list[QA]:
     return out
 
 
+def attribute_index(answer: str) -> int:
+    """Word index of what the video tells in an answer from `questions`: a one-word answer itself, or
+    the word after the kind in an echoed one ("square red ." -> 1)."""
+    return 1 if answer.endswith(" .") and len(answer.split()) == 3 else 0
+
+
 def sample_question(scene: Scene, rng: np.random.Generator, echo: bool = False) -> QA:
     """A question drawn with its kind uniform, so no kind dominates training or evaluation."""
     qs = questions(scene, echo)
