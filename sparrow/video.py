@@ -29,7 +29,10 @@ class UnsupportedVideoError(VideoError):
     """A container without a video stream, or a request this module cannot satisfy."""
 
 
-CODECS = {"mp4": ("libx264", {"preset": "veryfast"}), "webm": ("libvpx-vp9", {"b:v": "0"})}
+# x264 on one thread: its output then does not depend on the machine's core count (a frame-threaded
+# encode differs in the last bits), and target training, which encodes eight small videos per step
+# beside torch's own threads, does not oversubscribe the cores
+CODECS = {"mp4": ("libx264", {"preset": "veryfast", "threads": "1"}), "webm": ("libvpx-vp9", {"b:v": "0"})}
 
 
 def encode(frames: np.ndarray, fmt: str = "mp4", fps: int = 8, crf: int = 12) -> bytes:
