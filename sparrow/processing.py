@@ -81,16 +81,16 @@ def patchify(frames: np.ndarray, spec: VisionSpec) -> VideoPatches:
     if h % spec.cell or w % spec.cell:
         raise ValueError(f"frame size {h}x{w} is not a multiple of {spec.cell}; resize with fit_size first")
     tp, p, m = spec.temporal_patch_size, spec.patch_size, spec.merge_size
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)  # [N, H, W, 3]
-    mean = torch.tensor(spec.mean, dtype=torch.float32)
-    std = torch.tensor(spec.std, dtype=torch.float32)
-    x = ((x - mean) / std).permute(0, 3, 1, 2)  # [N, 3, H, W]
+    # numpy, single-threaded: training patchifies in a data thread, where torch's ops would start a
+    # second set of worker threads beside the training step's own (the float32 arithmetic is the same)
+    x = frames.astype(np.float32) / np.float32(255.0)  # [N, H, W, 3]
+    x = ((x - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)).transpose(0, 3, 1, 2)  # [N, 3, H, W]
     if n % tp:  # pad time by repeating the last frame, as the HF processor does
-        x = torch.cat([x, x[-1:].expand(tp - n % tp, -1, -1, -1)], dim=0)
+        x = np.concatenate([x, np.repeat(x[-1:], tp - n % tp, axis=0)], axis=0)
     gt, gh, gw = x.shape[0] // tp, h // p, w // p
     x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, gh/m, gw/m, m, m, C, tp, p, p]
-    pixel_values = x.reshape(gt * gh * gw, c * tp * p * p).contiguous()
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, gh/m, gw/m, m, m, C, tp, p, p]
+    pixel_values = torch.from_numpy(np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)))
     return VideoPatches(pixel_values, torch.tensor([gt, gh, gw], dtype=torch.long),
                         num_tokens=gt * gh * gw // (m * m))
 

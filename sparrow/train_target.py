@@ -144,16 +144,15 @@ def cell_targets(scene: Scene, num_frames: int, side: int, spec: VisionSpec) -> 
     its temporal patch, else background (0).
     """
     c = spec.cell
-    cls = object_classes(scene, num_frames, side, side)[::spec.temporal_patch_size]  # [T', H, W]
-    t = cls.shape[0]
-    cells = cls.reshape(t, side // c, c, side // c, c).transpose(0, 1, 3, 2, 4).reshape(t, side // c, side // c, c * c)
-    present = np.unique(cls[cls > 0])
-    if len(present) == 0:
-        return np.zeros(cells.shape[:3], dtype=np.int64).reshape(-1)
-    counts = (cells[..., None] == present).sum(axis=3)  # [T', h, w, K]
-    best = counts.argmax(axis=-1)
-    label = np.where(counts.max(axis=-1) * 5 >= c * c, present[best], 0)
-    return label.astype(np.int64).reshape(-1)
+    cls = object_classes(scene, num_frames, side, side, range(0, num_frames, spec.temporal_patch_size))  # [T', H, W]
+    t, n = cls.shape[0], side // c
+    cells = cls.reshape(t, n, c, n, c).transpose(0, 1, 3, 2, 4).reshape(t * n * n, c * c)
+    counts = np.zeros((t * n * n, NUM_OBJECT_CLASSES), dtype=np.int64)  # [T' * n * n, classes] pixels per class
+    np.add.at(counts, (np.arange(t * n * n)[:, None], cells), 1)
+    counts[:, 0] = 0
+    # argmax takes the lowest class among equal counts; a cell with no shape pixel fails the fifth
+    label = np.where(counts.max(axis=1) * 5 >= c * c, counts.argmax(axis=1), 0)
+    return label.astype(np.int64)
 
 
 IGNORE = -100

@@ -149,6 +149,29 @@ def test_training_labels_follow_the_scene():
             assert (direction[first + 1:][on[first + 1:]] == ["left", "right", "up", "down"].index(s.direction)).all()
 
 
+def test_cell_labels_match_a_per_cell_count():
+    """`cell_targets` against the rule counted cell by cell: the shape covering most of a 16x16 cell (at
+    least a fifth of it, the lowest class on a tie) in the first frame of its temporal patch."""
+    from sparrow.demo.model import demo_config
+    from sparrow.demo.world import object_classes
+    from sparrow.processing import VisionSpec
+    from sparrow.train_target import cell_targets
+
+    spec = VisionSpec.from_config(demo_config().vision_config)
+    for seed, (frames, side) in zip(range(12), [(16, 64), (7, 64), (4, 128)] * 4):
+        scene = make_scene(seed)
+        got = cell_targets(scene, frames, side, spec).reshape(-1, side // 16, side // 16)  # [T', h, w]
+        classes = object_classes(scene, frames, side, side)  # [N, H, W]
+        assert got.shape[0] == -(-frames // 2)
+        for t in range(got.shape[0]):
+            for y in range(side // 16):
+                for x in range(side // 16):
+                    cell = classes[2 * t, 16 * y:16 * y + 16, 16 * x:16 * x + 16].reshape(-1)
+                    counts = np.bincount(cell, minlength=33)[1:]
+                    want = 1 + int(counts.argmax()) if counts.max() * 5 >= 256 else 0
+                    assert got[t, y, x] == want, (seed, t, y, x)
+
+
 def test_binding_targets_name_the_words_shape_cells():
     """Each supervised word of a caption or question points at the cells of the shape it is about: those
     showing its first colour for that colour and its kind, those showing its final colour for that one,

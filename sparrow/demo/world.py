@@ -83,20 +83,28 @@ class Scene:
 
 
 def _overlaps(a: Shape, b: Shape) -> bool:
-    """True if the two shapes' boxes ever overlap while both are on screen."""
+    """True if the two shapes' boxes ever overlap while both are on screen (checked at 12 times)."""
     lo, hi = max(a.appear, b.appear), min(a.end, b.end)
     if lo >= hi:
         return False
-    for t in np.linspace(lo, hi, 12):
+    step = (hi - lo) / 11
+    for i in range(12):
+        t = hi if i == 11 else lo + i * step  # np.linspace(lo, hi, 12) to the bit, without its cost
         (ax, ay), (bx, by) = a.centre(t), b.centre(t)
         if abs(ax - bx) < SIZE * 1.15 and abs(ay - by) < SIZE * 1.15:
             return True
     return False
 
 
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    """`rng.choice(options)` (the same draw from the stream) without its array conversion, a tenth of
+    scene drawing."""
+    return options[int(rng.integers(len(options)))]
+
+
 def _draw_shape(rng: np.random.Generator, kind: str, appear: float, others: list[Shape]) -> Shape | None:
     for _ in range(50):
-        direction = str(rng.choice(list(DIRECTIONS)))
+        direction = _pick(rng, list(DIRECTIONS))
         disappear = None
         if rng.random() < 0.4:
             disappear = float(rng.uniform(appear + 0.35, 0.97)) if appear + 0.35 < 0.97 else None
@@ -109,10 +117,10 @@ def _draw_shape(rng: np.random.Generator, kind: str, appear: float, others: list
         xs = (half - min(0.0, dx * travel), 1 - half - max(0.0, dx * travel))
         ys = (half - min(0.0, dy * travel), 1 - half - max(0.0, dy * travel))
         start = (float(rng.uniform(*xs)), float(rng.uniform(*ys)))
-        colour = str(rng.choice(list(COLOURS)))
+        colour = _pick(rng, list(COLOURS))
         new_colour = change_at = None
         if rng.random() < 0.5:
-            new_colour = str(rng.choice([c for c in COLOURS if c != colour]))
+            new_colour = _pick(rng, [c for c in COLOURS if c != colour])
             change_at = float(rng.uniform(appear + 0.12, end - 0.12))
         shape = Shape(kind, colour, direction, appear, start, speed, disappear, new_colour, change_at)
         if not any(_overlaps(shape, o) for o in others):
@@ -159,20 +167,21 @@ def _mask(kind: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: fl
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
-def _painted(scene: Scene, num_frames: int, height: int, width: int):
-    """Yield (frame index, time, shape, pixel mask) in painting order: later shapes lie on top."""
+def _painted(scene: Scene, num_frames: int, height: int, width: int, frames=None):
+    """Yield (output index, time, shape, pixel mask) in painting order (later shapes lie on top), for
+    the frames of index `frames` (default all) of a `num_frames` video."""
     if num_frames < 1 or height < 16 or width < 16:
         raise ValueError(f"need at least 1 frame of 16x16 pixels, got {num_frames}x{height}x{width}")
     scale = min(height, width)  # keep shapes square on non-square canvases
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     xx = (xx + 0.5) / scale
     yy = (yy + 0.5) / scale
-    for i in range(num_frames):
+    for j, i in enumerate(range(num_frames) if frames is None else frames):
         t = (i + 0.5) / num_frames
         for s in scene.shapes:
             if s.visible(t):
                 cx, cy = s.centre(t)
-                yield i, t, s, _mask(s.kind, xx, yy, cx * width / scale, cy * height / scale, SIZE / 2)
+                yield j, t, s, _mask(s.kind, xx, yy, cx * width / scale, cy * height / scale, SIZE / 2)
 
 
 def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray:
@@ -187,11 +196,13 @@ def render(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray
 NUM_OBJECT_CLASSES = 1 + len(KINDS) * len(COLOURS)
 
 
-def object_classes(scene: Scene, num_frames: int, height: int, width: int) -> np.ndarray:
-    """What each pixel shows, `[N, H, W]` uint8: 0 background, else 1 + kind * 8 + colour."""
-    out = np.zeros((num_frames, height, width), dtype=np.uint8)  # [N, H, W]
+def object_classes(scene: Scene, num_frames: int, height: int, width: int, frames=None) -> np.ndarray:
+    """What each pixel shows, `[N, H, W]` uint8: 0 background, else 1 + kind * 8 + colour; only the
+    frames of index `frames` (default all) of a `num_frames` video."""
+    frames = range(num_frames) if frames is None else frames
+    out = np.zeros((len(frames), height, width), dtype=np.uint8)  # [len(frames), H, W]
     colours = list(COLOURS)
-    for i, t, s, m in _painted(scene, num_frames, height, width):
+    for i, t, s, m in _painted(scene, num_frames, height, width, frames):
         out[i][m] = 1 + KINDS.index(s.kind) * len(COLOURS) + colours.index(s.colour_at(t))
     return out
 
