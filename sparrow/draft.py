@@ -289,8 +289,8 @@ class Draft(nn.Module):
 class WindowContext:
     """Sparrow's draft context for one sequence: the anchor window ring and the glimpses.
 
-    The ring holds fused target features `[1, W, H]` and their positions; both are filled by the
-    `sparrow::handoff` op and read by `sparrow::text_anchored_window_attention` (plugins/).
+    The ring holds fused target features `[1, W, H]`, filled by the `sparrow::handoff` op, and their
+    positions; their keys/values are read by `sparrow::text_anchored_window_attention` (plugins/).
     """
 
     def __init__(self, draft: Draft, glimpses: torch.Tensor | None):
@@ -315,14 +315,18 @@ class WindowContext:
         """Hand off accepted positions: feats `[1, T, H]`, positions `[1, T]`, text_mask `[1, T]`."""
         from .plugins.ops import handoff
 
-        n = torch.tensor([feats.shape[1]])
         before = int(self.anchors)
-        handoff(self.ring_pos, positions.to(torch.float32)[..., None], n, self.anchors.clone(), text_mask)
-        self.anchors = handoff(self.ring, feats.to(self.ring.dtype), n, self.anchors, text_mask)
+        self.anchors = handoff(self.ring, feats.to(self.ring.dtype), torch.tensor([feats.shape[1]]), self.anchors,
+                               text_mask)
         w, written = self.draft.cfg.window, int(self.anchors) - before
-        slots = (before + torch.arange(max(0, written - w), written)) % w  # the ring slots just written
-        if len(slots):
-            k, v = self.draft.kv(self.ring[:, slots], self.ring_pos[:, slots, 0])  # [1, Hkv, len(slots), D]
+        kept = min(written, w)  # of more than W new rows only the last W stay
+        if kept:
+            slots = (before + torch.arange(written - kept, written)) % w  # the ring slots just written
+            # their positions by plain indexing, not a second op call: the handoff op's dispatch was a
+            # third of Sparrow's per-round bookkeeping at 1k visual tokens
+            pos = positions[text_mask][-kept:].to(torch.float32)  # [kept]
+            self.ring_pos[0, slots, 0] = pos
+            k, v = self.draft.kv(self.ring[:, slots], pos[None])  # [1, Hkv, kept, D]
             self.k_ring[:, :, slots] = k
             self.v_ring[:, :, slots] = v
         self._kv = None
