@@ -88,15 +88,20 @@ def _handoff_cpu(window, hidden, accepted, text_mask, anchors):
     # The draft hands off every round, a handful of rows: one index_copy_ per sequence instead of the
     # reference's per-row Python loop.
     dims = check_handoff(window, hidden, accepted, text_mask, anchors)
-    check_handoff_counts(accepted, anchors, dims.rows)
-    new = anchors.clone()  # [B]
-    for b, (n, start) in enumerate(zip(accepted.tolist(), anchors.tolist())):
-        rows = hidden[b, :n][text_mask[b, :n]]  # [m, H]
+    counts, starts = check_handoff_counts(accepted, anchors, dims.rows)
+    texts = text_mask.sum(1).tolist()  # [B]: all text in a decode round, so no boolean gather there
+    ends = []
+    for b, (n, start) in enumerate(zip(counts, starts)):
+        rows = hidden[b, :n] if texts[b] == dims.rows else hidden[b, :n][text_mask[b, :n]]  # [m, H]
         m = rows.shape[0]
         keep = min(m, dims.window)  # appended in order, so only the last W of them survive
-        window[b].index_copy_(0, (start + torch.arange(m - keep, m)) % dims.window, rows[m - keep:])
-        new[b] = start + m
-    return new
+        first = (start + m - keep) % dims.window
+        if first + keep <= dims.window:  # no wrap-around: a slice copy
+            window[b, first:first + keep] = rows[m - keep:]
+        else:
+            window[b].index_copy_(0, (start + torch.arange(m - keep, m)) % dims.window, rows[m - keep:])
+        ends.append(start + m)
+    return torch.tensor(ends, dtype=anchors.dtype)  # [B]
 
 
 @_handoff.register_fake

@@ -8,6 +8,7 @@ unchanged on fake tensors under torch.export / torch.compile and never synchroni
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,18 +42,20 @@ class HandoffDims:
     rows: int
 
 
-def _require(cond: bool, message: str) -> None:
+def _require(cond: bool, message: str | Callable[[], str]) -> None:
+    """Raise with `message` unless `cond`; a callable message is formatted only then (the checks run on
+    every draft round, where formatting shapes into strings that are never shown cost more than the op)."""
     if not cond:
-        raise PluginInputError(message)
+        raise PluginInputError(message() if callable(message) else message)
 
 
 def _rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
-    _require(t.dim() == rank, f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    _require(t.dim() == rank, lambda: f"{name} must be {layout}, got shape {tuple(t.shape)}")
 
 
 def _same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
-    _require(len(set(devices.values())) == 1, f"all inputs must be on one device, got {devices}")
+    _require(len(set(devices.values())) == 1, lambda: f"all inputs must be on one device, got {devices}")
 
 
 def check_attention(
@@ -72,29 +75,29 @@ def check_attention(
     _rank("v_new", v_new, 4, "[B, Hkv, Tq, D]")
     _rank("mask", mask, 2, "[Tq, Tq]")
     _same_device(q=q, k_win=k_win, v_win=v_win, anchors=anchors, k_new=k_new, v_new=v_new, mask=mask)
-    _require(q.dtype in FLOAT_DTYPES, f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
+    _require(q.dtype in FLOAT_DTYPES, lambda: f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
     for name, t in (("k_win", k_win), ("v_win", v_win), ("k_new", k_new), ("v_new", v_new)):
-        _require(t.dtype == q.dtype, f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
-    _require(anchors.dtype in INDEX_DTYPES, f"anchors dtype must be int32 or int64, got {anchors.dtype}")
-    _require(mask.dtype == torch.bool, f"mask dtype must be torch.bool, got {mask.dtype}")
+        _require(t.dtype == q.dtype, lambda: f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
+    _require(anchors.dtype in INDEX_DTYPES, lambda: f"anchors dtype must be int32 or int64, got {anchors.dtype}")
+    _require(mask.dtype == torch.bool, lambda: f"mask dtype must be torch.bool, got {mask.dtype}")
     b, hq, tq, d = q.shape
     hkv, w = k_win.shape[1], k_win.shape[2]
-    _require(hkv > 0 and hq % hkv == 0, f"Hq={hq} query heads is not a multiple of Hkv={hkv} kv heads")
+    _require(hkv > 0 and hq % hkv == 0, lambda: f"Hq={hq} query heads is not a multiple of Hkv={hkv} kv heads")
     _require(tq > 0, "q has no query tokens (Tq=0)")
     _require(w > 0, "window has no slots (W=0)")
     _require(
         tuple(v_win.shape) == tuple(k_win.shape),
-        f"v_win shape {tuple(v_win.shape)} != k_win shape {tuple(k_win.shape)}",
+        lambda: f"v_win shape {tuple(v_win.shape)} != k_win shape {tuple(k_win.shape)}",
     )
     _require(
         k_win.shape[0] == b and k_win.shape[3] == d,
-        f"k_win shape {tuple(k_win.shape)} does not match q batch {b} / head dim {d}",
+        lambda: f"k_win shape {tuple(k_win.shape)} does not match q batch {b} / head dim {d}",
     )
     new_shape = (b, hkv, tq, d)
-    _require(tuple(k_new.shape) == new_shape, f"k_new shape {tuple(k_new.shape)} != expected {new_shape}")
-    _require(tuple(v_new.shape) == new_shape, f"v_new shape {tuple(v_new.shape)} != expected {new_shape}")
-    _require(anchors.shape[0] == b, f"anchors has {anchors.shape[0]} entries, batch is {b}")
-    _require(tuple(mask.shape) == (tq, tq), f"mask shape {tuple(mask.shape)} != (Tq, Tq) = {(tq, tq)}")
+    _require(tuple(k_new.shape) == new_shape, lambda: f"k_new shape {tuple(k_new.shape)} != expected {new_shape}")
+    _require(tuple(v_new.shape) == new_shape, lambda: f"v_new shape {tuple(v_new.shape)} != expected {new_shape}")
+    _require(anchors.shape[0] == b, lambda: f"anchors has {anchors.shape[0]} entries, batch is {b}")
+    _require(tuple(mask.shape) == (tq, tq), lambda: f"mask shape {tuple(mask.shape)} != (Tq, Tq) = {(tq, tq)}")
     return AttentionDims(batch=b, num_heads=hq, num_kv_heads=hkv, queries=tq, window=w, head_dim=d)
 
 
@@ -111,24 +114,27 @@ def check_handoff(
     _rank("text_mask", text_mask, 2, "[B, T]")
     _rank("anchors", anchors, 1, "[B]")
     _same_device(window=window, hidden=hidden, accepted=accepted, text_mask=text_mask, anchors=anchors)
-    _require(window.dtype in FLOAT_DTYPES, f"window dtype must be one of {FLOAT_DTYPES}, got {window.dtype}")
-    _require(hidden.dtype == window.dtype, f"hidden dtype {hidden.dtype} differs from window dtype {window.dtype}")
-    _require(accepted.dtype in INDEX_DTYPES, f"accepted dtype must be int32 or int64, got {accepted.dtype}")
-    _require(anchors.dtype in INDEX_DTYPES, f"anchors dtype must be int32 or int64, got {anchors.dtype}")
-    _require(text_mask.dtype == torch.bool, f"text_mask dtype must be torch.bool, got {text_mask.dtype}")
+    _require(window.dtype in FLOAT_DTYPES, lambda: f"window dtype must be one of {FLOAT_DTYPES}, got {window.dtype}")
+    _require(hidden.dtype == window.dtype,
+             lambda: f"hidden dtype {hidden.dtype} differs from window dtype {window.dtype}")
+    _require(accepted.dtype in INDEX_DTYPES, lambda: f"accepted dtype must be int32 or int64, got {accepted.dtype}")
+    _require(anchors.dtype in INDEX_DTYPES, lambda: f"anchors dtype must be int32 or int64, got {anchors.dtype}")
+    _require(text_mask.dtype == torch.bool, lambda: f"text_mask dtype must be torch.bool, got {text_mask.dtype}")
     b, w, h = window.shape
     _require(w > 0, "window has no slots (W=0)")
-    _require(hidden.shape[0] == b, f"hidden batch {hidden.shape[0]} != window batch {b}")
-    _require(hidden.shape[2] == h, f"hidden size {hidden.shape[2]} != window hidden size {h}")
+    _require(hidden.shape[0] == b, lambda: f"hidden batch {hidden.shape[0]} != window batch {b}")
+    _require(hidden.shape[2] == h, lambda: f"hidden size {hidden.shape[2]} != window hidden size {h}")
     t = hidden.shape[1]
-    _require(tuple(text_mask.shape) == (b, t), f"text_mask shape {tuple(text_mask.shape)} != (B, T) = {(b, t)}")
-    _require(accepted.shape[0] == b, f"accepted has {accepted.shape[0]} entries, batch is {b}")
-    _require(anchors.shape[0] == b, f"anchors has {anchors.shape[0]} entries, batch is {b}")
+    _require(tuple(text_mask.shape) == (b, t), lambda: f"text_mask shape {tuple(text_mask.shape)} != (B, T) = {(b, t)}")
+    _require(accepted.shape[0] == b, lambda: f"accepted has {accepted.shape[0]} entries, batch is {b}")
+    _require(anchors.shape[0] == b, lambda: f"anchors has {anchors.shape[0]} entries, batch is {b}")
     return HandoffDims(batch=b, window=w, hidden=h, rows=t)
 
 
-def check_handoff_counts(accepted: torch.Tensor, anchors: torch.Tensor, rows: int) -> None:
-    """Value checks (host-side, so not in the fake/meta path): accepted in [0, T], anchors >= 0."""
-    _require(not bool(((accepted < 0) | (accepted > rows)).any()),
-             f"accepted counts {accepted.tolist()} must lie in [0, T={rows}]")
-    _require(not bool((anchors < 0).any()), f"anchor counts {anchors.tolist()} must be non-negative")
+def check_handoff_counts(accepted: torch.Tensor, anchors: torch.Tensor, rows: int) -> tuple[list[int], list[int]]:
+    """Value checks (host-side, so not in the fake/meta path): accepted in [0, T], anchors >= 0.
+    Returns both as lists."""
+    counts, starts = accepted.tolist(), anchors.tolist()
+    _require(all(0 <= n <= rows for n in counts), lambda: f"accepted counts {counts} must lie in [0, T={rows}]")
+    _require(all(a >= 0 for a in starts), lambda: f"anchor counts {starts} must be non-negative")
+    return counts, starts

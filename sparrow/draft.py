@@ -32,6 +32,7 @@ from .attention import multi_token_attention
 
 ATTEND_MODES = ("window", "prefix")
 STEP_BACKENDS = ("auto", "torch", "cpp")
+FUSED_KV_ROWS = 16  # rows up to which context_rows_kv uses the fused op (a round's accepted tokens)
 
 
 def step_backend(weight: torch.Tensor) -> str:
@@ -181,6 +182,19 @@ class Draft(nn.Module):
             k = rotate(k, positions[:, None], self.cfg.rope_theta)
         return k, v
 
+    def context_rows_kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv` of the few rows a draft context takes in each round (x `[1, T, H]` at positions `[1, T]`),
+        at inference: the fused `sparrow::draft_kv` op where the draft step runs in C++, else `kv`."""
+        if x.shape[1] > FUSED_KV_ROWS or step_backend(self.fuse.weight) != "cpp" or torch.is_grad_enabled():
+            return self.kv(x, positions)
+        from .attention_cpp import load
+
+        load()
+        k, v = torch.ops.sparrow.draft_kv(x[0], positions[0].to(torch.float32), _inv_freq(self.cfg.head_dim,
+                                          self.cfg.rope_theta), self.ln_attn.weight, self.k.weight, self.v.weight,
+                                          self.cfg.rms_norm_eps)  # [Hkv, T, D]
+        return k[None], v[None]
+
     def layer(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """One decoder layer over draft tokens `[B, T]` with features `[B, T, H]` at positions `[B, T]`.
 
@@ -290,8 +304,11 @@ class WindowContext:
     """Sparrow's draft context for one sequence: the anchor window ring and the glimpses.
 
     The ring holds fused target features `[1, W, H]`, filled by the `sparrow::handoff` op, and their
-    positions; their keys/values are read by `sparrow::text_anchored_window_attention` (plugins/).
+    positions; their keys/values are read by `sparrow::text_anchored_window_attention` (plugins/), or
+    by the fused draft step straight from the context buffer.
     """
+
+    SPARE = 16  # buffer slots past the glimpses and the window for a round's ancestors (grown on demand)
 
     def __init__(self, draft: Draft, glimpses: torch.Tensor | None):
         from .plugins import ops  # noqa: F401  registers the sparrow:: ops
@@ -302,23 +319,31 @@ class WindowContext:
         self.ring = torch.zeros(1, cfg.window, cfg.hidden_size, dtype=dtype)  # [1, W, H]
         self.ring_pos = torch.zeros(1, cfg.window, 1, dtype=torch.float32)  # [1, W, 1]
         self.anchors = torch.zeros(1, dtype=torch.int64)
-        # Keys/values of the ring's slots `[1, Hkv, W, D]`, rotated at their positions: a slot's depend
-        # only on its feature and position, so only the slots a handoff writes are recomputed.
-        self.k_ring = torch.zeros(1, cfg.num_kv_heads, cfg.window, cfg.head_dim, dtype=dtype)
-        self.v_ring = torch.zeros_like(self.k_ring)
+        self._count = 0  # int(self.anchors), kept host-side
+        self.g = 0 if glimpses is None else glimpses.shape[1]
+        # Keys/values `[Hkv, G + W + spare, D]`: the glimpses, the ring's slots rotated at their positions
+        # (a slot's depend only on its feature and position, so only the slots a handoff writes are
+        # recomputed), then scratch for a round's ancestors and the fused step's own key/value. The
+        # fused step reads it in place: a draft step copies nothing of its context.
+        shape = (cfg.num_kv_heads, self.g + cfg.window + self.SPARE, cfg.head_dim)
+        self.k_ctx = torch.zeros(shape, dtype=dtype)
+        self.v_ctx = torch.zeros(shape, dtype=dtype)
         self.glimpses = glimpses  # [1, G, H] or None
-        # The glimpses' keys are rotated anew each round (they sit just before its draft tokens).
-        self._glimpse_kv = draft.kv(glimpses, None) if glimpses is not None else None  # [1, Hkv, G, D] each
-        self._kv = None  # (first_pos, keys, values, valid slots) of the current round
+        if glimpses is not None:
+            # The glimpses' keys are rotated anew each round (they sit just before its draft tokens).
+            self._glimpse_k, vg = draft.kv(glimpses, None)  # [1, Hkv, G, D] each
+            self.v_ctx[:, :self.g] = vg[0]
+        self._round_pos = None  # first_pos of the round the glimpse keys are rotated for
 
     def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor) -> None:
         """Hand off accepted positions: feats `[1, T, H]`, positions `[1, T]`, text_mask `[1, T]`."""
         from .plugins.ops import handoff
 
-        before = int(self.anchors)
+        before = self._count
         self.anchors = handoff(self.ring, feats.to(self.ring.dtype), torch.tensor([feats.shape[1]]), self.anchors,
                                text_mask)
-        w, written = self.draft.cfg.window, int(self.anchors) - before
+        self._count = int(self.anchors)
+        w, written = self.draft.cfg.window, self._count - before
         kept = min(written, w)  # of more than W new rows only the last W stay
         if kept:
             slots = (before + torch.arange(written - kept, written)) % w  # the ring slots just written
@@ -326,10 +351,9 @@ class WindowContext:
             # third of Sparrow's per-round bookkeeping at 1k visual tokens
             pos = positions[text_mask][-kept:].to(torch.float32)  # [kept]
             self.ring_pos[0, slots, 0] = pos
-            k, v = self.draft.kv(self.ring[:, slots], pos[None])  # [1, Hkv, kept, D]
-            self.k_ring[:, :, slots] = k
-            self.v_ring[:, :, slots] = v
-        self._kv = None
+            k, v = self.draft.context_rows_kv(self.ring[:, slots], pos[None])  # [1, Hkv, kept, D]
+            self.k_ctx[:, self.g + slots] = k[0]
+            self.v_ctx[:, self.g + slots] = v[0]
 
     def attend(self, first_pos: int, mask: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The attention callable for draft tokens of the round at `first_pos`.. under `mask` `[T, T]` over
@@ -349,31 +373,31 @@ class WindowContext:
 
     def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
         """What one draft token of the round at `first_pos` attends besides itself, as keys/values
-        `[Hkv, n + 1, D]`: the glimpses, the valid window slots, `prior` (its ancestors), and one free
-        position the fused step writes its own key/value into (a fresh tensor: the round's stay intact)."""
-        k_win, v_win, valid = self._round(first_pos)
-        n = int(valid)
-        ks, vs = [k_win[0, :, :n]], [v_win[0, :, :n]]  # [Hkv, n, D]
-        if prior is not None:
-            ks.append(prior[0][0])
-            vs.append(prior[1][0])
-        free = k_win.new_empty(k_win.shape[1], 1, k_win.shape[3])  # [Hkv, 1, D]
-        return torch.cat(ks + [free], 1), torch.cat(vs + [free], 1)
+        `[Hkv, n + 1, D]` (views of the context buffer): the glimpses, the valid window slots, `prior`
+        (its ancestors, written into the scratch) and one free position the fused step writes its own
+        key/value into."""
+        self._round(first_pos)
+        n = self.g + min(self._count, self.draft.cfg.window)
+        a = 0 if prior is None else prior[0].shape[2]
+        if n + a + 1 > self.k_ctx.shape[1]:  # a deeper tree than the buffer has room for
+            grow = n + a + 1 + self.SPARE - self.k_ctx.shape[1]
+            self.k_ctx = F.pad(self.k_ctx, (0, 0, 0, grow))
+            self.v_ctx = F.pad(self.v_ctx, (0, 0, 0, grow))
+        if a:
+            self.k_ctx[:, n:n + a] = prior[0][0]
+            self.v_ctx[:, n:n + a] = prior[1][0]
+        return self.k_ctx[:, :n + a + 1], self.v_ctx[:, :n + a + 1]
 
     def _round(self, first_pos: int):
-        """Keys/values `[1, Hkv, G + W, D]` of the glimpses and window slots, and the valid count `[1]`;
-        computed once per round: the window only changes at handoff."""
-        if self._kv is None or self._kv[0] != first_pos:
-            k_win, v_win = self.k_ring, self.v_ring
-            valid = self.anchors.clamp(max=self.draft.cfg.window)
-            if self.glimpses is not None:
-                # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
-                kg, vg = self._glimpse_kv
-                kg = rotate(kg, torch.full(kg.shape[2:3], first_pos - 1), self.draft.cfg.rope_theta)
-                k_win, v_win = torch.cat([kg, k_win], 2), torch.cat([vg, v_win], 2)  # [1, Hkv, G + W, D]
-                valid = valid + kg.shape[2]
-            self._kv = (first_pos, k_win, v_win, valid)
-        return self._kv[1:]
+        """Keys/values `[1, Hkv, G + W, D]` of the glimpses and window slots (views of the buffer) and the
+        valid count `[1]`; the glimpse keys are rotated once per round: the window only changes at handoff."""
+        if self.g and self._round_pos != first_pos:
+            # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
+            kg = rotate(self._glimpse_k, torch.full((self.g,), first_pos - 1), self.draft.cfg.rope_theta)
+            self.k_ctx[:, :self.g] = kg[0]
+        self._round_pos = first_pos
+        w = self.draft.cfg.window
+        return self.k_ctx[None, :, :self.g + w], self.v_ctx[None, :, :self.g + w], self.anchors.clamp(max=w) + self.g
 
 
 class PrefixContext:
@@ -388,7 +412,7 @@ class PrefixContext:
         self.length = 0
 
     def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor | None = None) -> None:
-        k, v = self.draft.kv(feats, positions)  # [1, Hkv, T, D]
+        k, v = self.draft.context_rows_kv(feats, positions)  # [1, Hkv, T, D]
         t = k.shape[2]
         if self.length + t > self.k.shape[1]:
             raise ValueError(f"draft prefix cache full: {self.length} + {t} > {self.k.shape[1]}")

@@ -358,6 +358,72 @@ def test_fused_draft_step_matches_the_layer(tiny, trained, monkeypatch):
             torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_context_rows_kv_matches_draft_kv(tiny, trained, monkeypatch):
+    """`sparrow::draft_kv` (the rows a context takes in each round) against `Draft.kv` on random rows and
+    positions; past FUSED_KV_ROWS rows, and under autograd, `context_rows_kv` is `kv` itself."""
+    from sparrow import attention_cpp
+    from sparrow.draft import FUSED_KV_ROWS
+
+    if not attention_cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    draft, _ = trained
+    monkeypatch.setenv("SPARROW_DRAFT", "cpp")
+    g = torch.Generator().manual_seed(1)
+    for t in (1, 3, 6, FUSED_KV_ROWS, FUSED_KV_ROWS + 1):
+        x = 3 * torch.randn(1, t, draft.cfg.hidden_size, generator=g)  # [1, T, H]
+        pos = torch.randint(0, 30000, (1, t), generator=g)  # [1, T]
+        with torch.no_grad():
+            want = draft.kv(x, pos)
+            got = draft.context_rows_kv(x, pos)
+        for w, y in zip(want, got):
+            assert y.shape == w.shape == (1, draft.cfg.num_kv_heads, t, draft.cfg.head_dim)
+            torch.testing.assert_close(y, w, atol=2e-4, rtol=1e-4)
+    d = draft.cfg.head_dim
+    args = (torch.ones(d // 2), draft.ln_attn.weight, draft.k.weight, draft.v.weight, 1e-6)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="positions must be"):
+            torch.ops.sparrow.draft_kv(torch.zeros(2, draft.cfg.hidden_size), torch.zeros(3), *args)
+        with pytest.raises(RuntimeError, match="x must be a float32"):
+            x64 = torch.zeros(2, draft.cfg.hidden_size, dtype=torch.float64)
+            torch.ops.sparrow.draft_kv(x64, torch.zeros(2), *args)
+
+
+def test_window_context_buffer_holds_glimpses_window_and_ancestors(tiny, trained):
+    """What the fused step reads in place: rotated glimpse keys, then the valid ring slots' keys/values
+    at their positions, then the ancestors, then a free position; also past the buffer's spare room."""
+    from sparrow.draft import rotate
+
+    _, runtime, _ = tiny
+    draft, _ = trained
+    if draft.cfg.attend != "window":
+        pytest.skip("only the Sparrow draft has a window context")
+    cfg = draft.cfg
+    p = runtime.prepare(_frames(4), PROMPT)
+    state, out = runtime.prefill(p, layers=cfg.target_layers)
+    ctx, _ = new_context(draft, out.hidden, p.visual_mask, 512)
+    g = torch.Generator().manual_seed(2)
+    ctx.extend(torch.randn(1, 3, cfg.hidden_size, generator=g), state.length + torch.arange(3)[None],
+               torch.ones(1, 3, dtype=torch.bool))
+    first = state.length + 3
+    valid = min(int(ctx.anchors), cfg.window)
+    with torch.no_grad():
+        kg, vg = draft.kv(ctx.glimpses, None)
+        kg = rotate(kg, torch.full((cfg.glimpses,), first - 1), cfg.rope_theta)
+        kw, vw = draft.kv(ctx.ring[:, :valid], ctx.ring_pos[:, :valid, 0])
+        for a in (0, 2, ctx.SPARE + 5):
+            prior = (tuple(torch.randn(1, cfg.num_kv_heads, a, cfg.head_dim, generator=g) for _ in range(2))
+                     if a else None)
+            k, v = ctx.context_kv(first, prior)
+            assert k.shape == v.shape == (cfg.num_kv_heads, cfg.glimpses + valid + a + 1, cfg.head_dim)
+            torch.testing.assert_close(k[:, :cfg.glimpses], kg[0])
+            torch.testing.assert_close(v[:, :cfg.glimpses], vg[0])
+            torch.testing.assert_close(k[:, cfg.glimpses:cfg.glimpses + valid], kw[0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(v[:, cfg.glimpses:cfg.glimpses + valid], vw[0], atol=2e-5, rtol=1e-5)
+            if a:
+                assert torch.equal(k[:, cfg.glimpses + valid:-1], prior[0][0])
+                assert torch.equal(v[:, cfg.glimpses + valid:-1], prior[1][0])
+
+
 def test_fused_draft_step_names_bad_input():
     from sparrow import attention_cpp
 

@@ -18,6 +18,10 @@
 // ln_mlp [H], gate [I, H], up [I, H], down [H, I], final_norm [H], head [V, H].
 // Returns h [H] (the layer's output residual stream), k, v [Hkv, D] (its own rotated key, value) and
 // logits [V]. Query head h pairs with KV head h / G (transformers' repeat_kv).
+//
+// draft_kv: the semantics of Draft.kv for the few rows a context takes in each round (x [T, H] at
+// rotary positions [T] -> rotated keys, values [Hkv, T, D]); in Python it was ~20 small tensor ops, a
+// sixth of a Sparrow round's bookkeeping.
 
 #include "attention.h"
 #include "linear.h"
@@ -57,6 +61,15 @@ void rms_norm(const float* x, const float* w, double eps, float* out, int64_t n)
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
+// cos/sin [D/2] of the rotary angles position * inv_freq.
+void rotary_angles(float position, const float* inv, int64_t half, float* cos, float* sin) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float ang = position * inv[i];
+    cos[i] = std::cos(ang);
+    sin[i] = std::sin(ang);
+  }
+}
+
 // Rotate-half rotary embedding of `heads` vectors of D in place; cos/sin [D/2].
 void rotate(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
   const int64_t half = d / 2;
@@ -70,10 +83,10 @@ void rotate(float* x, int64_t heads, int64_t d, const float* cos, const float* s
   }
 }
 
-void check(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "sparrow::draft_step: ", name,
+void check(const char* op, const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "sparrow::", op, ": ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "sparrow::draft_step: ", name, " must be ", at::IntArrayRef(shape),
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "sparrow::", op, ": ", name, " must be ", at::IntArrayRef(shape),
               ", got ", t.sizes());
 }
 
@@ -88,10 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
               "Hkv dividing the query heads, got ", ctx_k_in.sizes());
   const int64_t len = ctx_k_in.size(1) - 1;  // context positions before the free one
   TORCH_CHECK(len >= 0, "sparrow::draft_step: ctx_k needs a free last position for the step's own key");
-  check(x_in, "x_in", {2 * h});
-  check(inv_freq, "inv_freq", {d / 2});
-  check(ctx_k_in, "ctx_k", {hkv, len + 1, d});
-  check(ctx_v_in, "ctx_v", {hkv, len + 1, d});
+  check("draft_step", x_in, "x_in", {2 * h});
+  check("draft_step", inv_freq, "inv_freq", {d / 2});
+  check("draft_step", ctx_k_in, "ctx_k", {hkv, len + 1, d});
+  check("draft_step", ctx_v_in, "ctx_v", {hkv, len + 1, d});
   const char* names[NUM_WEIGHTS] = {"inp", "ln_attn", "q", "k", "v", "o", "ln_mlp", "gate", "up", "down",
                                     "final_norm", "head"};
   const std::vector<std::vector<int64_t>> shapes = {{h, 2 * h}, {h}, {hq * d, h}, {hkv * d, h}, {hkv * d, h},
@@ -99,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
                                                     {vocab, h}};
   std::vector<at::Tensor> w;
   for (int64_t i = 0; i < NUM_WEIGHTS; ++i) {
-    check(weights[i], names[i], shapes[i]);
+    check("draft_step", weights[i], names[i], shapes[i]);
     w.push_back(weights[i].contiguous());
   }
   // The context is used in place (for EAGLE it is the whole prefix cache): only D must be contiguous.
@@ -120,12 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
   gemv(w[2], n.data(), q);
   gemv(w[3], n.data(), k);
   gemv(w[4], n.data(), v);
-  const float* inv = inv_freq.data_ptr<float>();
-  for (int64_t i = 0; i < d / 2; ++i) {
-    const float ang = static_cast<float>(position) * inv[i];
-    cos[i] = std::cos(ang);
-    sin[i] = std::sin(ang);
-  }
+  rotary_angles(static_cast<float>(position), inv_freq.data_ptr<float>(), d / 2, cos.data(), sin.data());
   rotate(q, hq, d, cos.data(), sin.data());
   rotate(k, hkv, d, cos.data(), sin.data());
 
@@ -150,13 +158,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
   return {out_h, out_k, out_v, logits};
 }
 
+// x [T, H], positions [T], inv_freq [D/2], ln_attn [H], k / v [Hkv*D, H] -> keys, values [Hkv, T, D].
+std::tuple<at::Tensor, at::Tensor> draft_kv(const at::Tensor& x_in, const at::Tensor& positions,
+                                            const at::Tensor& inv_freq, const at::Tensor& ln_w, const at::Tensor& k_w,
+                                            const at::Tensor& v_w, double eps) {
+  TORCH_CHECK(x_in.dim() == 2, "sparrow::draft_kv: x must be [T, H], got ", x_in.sizes());
+  const int64_t t = x_in.size(0), h = x_in.size(1), d = 2 * inv_freq.size(0);
+  TORCH_CHECK(d > 0 && k_w.dim() == 2 && k_w.size(0) % d == 0, "sparrow::draft_kv: k must be [Hkv*D, H] with D = ", d,
+              ", got ", k_w.sizes());
+  const int64_t hkv = k_w.size(0) / d;
+  check("draft_kv", x_in, "x", {t, h});
+  check("draft_kv", positions, "positions", {t});
+  check("draft_kv", inv_freq, "inv_freq", {d / 2});
+  check("draft_kv", ln_w, "ln_attn", {h});
+  check("draft_kv", k_w, "k", {hkv * d, h});
+  check("draft_kv", v_w, "v", {hkv * d, h});
+  const at::Tensor x = x_in.contiguous(), pos = positions.contiguous(), ln = ln_w.contiguous();
+  at::Tensor n = at::empty({t, h}, x.options());                   // [T, H]
+  at::Tensor k = at::empty({t, hkv, d}, x.options()), v = at::empty({t, hkv, d}, x.options());  // [T, Hkv, D]
+  for (int64_t i = 0; i < t; ++i) {
+    rms_norm(x.data_ptr<float>() + i * h, ln.data_ptr<float>(), eps, n.data_ptr<float>() + i * h, h);
+  }
+  sparrow_cpu::small_m_product(k_w.contiguous(), n.data_ptr<float>(), t, h, k.data_ptr<float>());
+  sparrow_cpu::small_m_product(v_w.contiguous(), n.data_ptr<float>(), t, h, v.data_ptr<float>());
+  std::vector<float> cos(d / 2), sin(d / 2);
+  for (int64_t i = 0; i < t; ++i) {
+    rotary_angles(pos.data_ptr<float>()[i], inv_freq.data_ptr<float>(), d / 2, cos.data(), sin.data());
+    rotate(k.data_ptr<float>() + i * hkv * d, hkv, d, cos.data(), sin.data());
+  }
+  return {k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparrow, m) {
   m.def("draft_step(Tensor x_in, Tensor inv_freq, int position, Tensor(a!) ctx_k, Tensor(b!) ctx_v, Tensor[] weights, "
         "float eps, float final_eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("draft_kv(Tensor x, Tensor positions, Tensor inv_freq, Tensor ln_attn, Tensor k, Tensor v, float eps) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparrow, CPU, m) {
   m.impl("draft_step", &draft_step);
+  m.impl("draft_kv", &draft_kv);
 }
