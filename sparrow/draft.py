@@ -333,7 +333,7 @@ class WindowContext:
             # The glimpses' keys are rotated anew each round (they sit just before its draft tokens).
             self._glimpse_k, vg = draft.kv(glimpses, None)  # [1, Hkv, G, D] each
             self.v_ctx[:, :self.g] = vg[0]
-        self._round_pos = None  # first_pos of the round the glimpse keys are rotated for
+        self._glimpse_pos = None  # first_pos of the round the glimpse keys are rotated for
 
     def extend(self, feats: torch.Tensor, positions: torch.Tensor, text_mask: torch.Tensor) -> None:
         """Hand off accepted positions: feats `[1, T, H]`, positions `[1, T]`, text_mask `[1, T]`."""
@@ -345,22 +345,35 @@ class WindowContext:
         self._count = int(self.anchors)
         w, written = self.draft.cfg.window, self._count - before
         kept = min(written, w)  # of more than W new rows only the last W stay
-        if kept:
-            slots = (before + torch.arange(written - kept, written)) % w  # the ring slots just written
-            # their positions by plain indexing, not a second op call: the handoff op's dispatch was a
-            # third of Sparrow's per-round bookkeeping at 1k visual tokens
-            pos = positions[text_mask][-kept:].to(torch.float32)  # [kept]
-            self.ring_pos[0, slots, 0] = pos
-            k, v = self.draft.context_rows_kv(self.ring[:, slots], pos[None])  # [1, Hkv, kept, D]
-            self.k_ctx[:, self.g + slots] = k[0]
-            self.v_ctx[:, self.g + slots] = v[0]
+        if not kept:
+            return
+        first = (before + written - kept) % w  # ring slot of the first row kept
+        slots = slice(first, first + kept) if first + kept <= w else (first + torch.arange(kept)) % w
+        # their positions by plain indexing, not a second op call (the op's dispatch costs more than this)
+        pos = (positions[0] if written == feats.shape[1] else positions[text_mask])[-kept:].to(torch.float32)
+        self.ring_pos[0, slots, 0] = pos
+        rows = self.ring[:, slots]  # [1, kept, H]
+        if self.g:
+            # The next round's glimpse keys in the same call: they sit just before its draft tokens, i.e.
+            # at the last position handed off (`_rotate_glimpses` redoes it for any other round start).
+            rows = torch.cat([rows, self.glimpses.to(rows.dtype)], 1)  # [1, kept + G, H]
+            pos = torch.cat([pos, pos[-1:].expand(self.g)])
+        k, v = self.draft.context_rows_kv(rows, pos[None])  # [1, Hkv, kept (+ G), D]
+        self.k_ctx[:, self.g:self.g + w][:, slots] = k[0, :, :kept]
+        self.v_ctx[:, self.g:self.g + w][:, slots] = v[0, :, :kept]
+        if self.g:
+            self.k_ctx[:, :self.g] = k[0, :, kept:]
+            self._glimpse_pos = int(pos[-1]) + 1
 
     def attend(self, first_pos: int, mask: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The attention callable for draft tokens of the round at `first_pos`.. under `mask` `[T, T]` over
         themselves; `prior`: keys/values `[1, Hkv, A, D]` of earlier draft tokens they all see (ancestors)."""
         from .plugins.ops import window_attention
 
-        k_win, v_win, valid = self._round(first_pos)
+        self._rotate_glimpses(first_pos)
+        w = self.draft.cfg.window
+        k_win, v_win = self.k_ctx[None, :, :self.g + w], self.v_ctx[None, :, :self.g + w]  # [1, Hkv, G + W, D]
+        valid = self.anchors.clamp(max=w) + self.g  # [1]
         if prior is not None:  # ancestors join the window's valid slots: every new token sees them
             n = int(valid)
             k_win, v_win = torch.cat([k_win[:, :, :n], prior[0]], 2), torch.cat([v_win[:, :, :n], prior[1]], 2)
@@ -376,7 +389,7 @@ class WindowContext:
         `[Hkv, n + 1, D]` (views of the context buffer): the glimpses, the valid window slots, `prior`
         (its ancestors, written into the scratch) and one free position the fused step writes its own
         key/value into."""
-        self._round(first_pos)
+        self._rotate_glimpses(first_pos)
         n = self.g + min(self._count, self.draft.cfg.window)
         a = 0 if prior is None else prior[0].shape[2]
         if n + a + 1 > self.k_ctx.shape[1]:  # a deeper tree than the buffer has room for
@@ -388,16 +401,13 @@ class WindowContext:
             self.v_ctx[:, n:n + a] = prior[1][0]
         return self.k_ctx[:, :n + a + 1], self.v_ctx[:, :n + a + 1]
 
-    def _round(self, first_pos: int):
-        """Keys/values `[1, Hkv, G + W, D]` of the glimpses and window slots (views of the buffer) and the
-        valid count `[1]`; the glimpse keys are rotated once per round: the window only changes at handoff."""
-        if self.g and self._round_pos != first_pos:
-            # Glimpses sit just before the draft tokens: they summarise the whole video, not a place in it.
+    def _rotate_glimpses(self, first_pos: int) -> None:
+        """Glimpse keys rotated at `first_pos - 1`, just before the round's draft tokens: they summarise the
+        whole video, not a place in it. `extend` leaves them ready for the round that follows it."""
+        if self.g and self._glimpse_pos != first_pos:
             kg = rotate(self._glimpse_k, torch.full((self.g,), first_pos - 1), self.draft.cfg.rope_theta)
             self.k_ctx[:, :self.g] = kg[0]
-        self._round_pos = first_pos
-        w = self.draft.cfg.window
-        return self.k_ctx[None, :, :self.g + w], self.v_ctx[None, :, :self.g + w], self.anchors.clamp(max=w) + self.g
+            self._glimpse_pos = first_pos
 
 
 class PrefixContext:

@@ -190,6 +190,7 @@ def accept_sampled(tokens: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     return path, int(torch.multinomial(p[-1], 1, generator=gen))
 
 
+@torch.inference_mode()  # else the draft's fusion and context keys/values record autograd graphs every round
 def generate_speculative(runtime: Runtime | TrtLlmRuntime, draft: Draft, frames: np.ndarray, prompt: str,
                          tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
                          seed: int = 0, min_new_tokens: int = 0,
