@@ -75,7 +75,8 @@ def cmd_train_draft(a):
                         intermediate_size=text.intermediate_size,
                         feature_layers=(1, text.num_hidden_layers // 2, text.num_hidden_layers))
     data = DraftDataConfig(examples=a.examples, seed=a.seed, feature_layers=draft.feature_layers,
-                           long_examples=a.long_examples)
+                           long_examples=a.long_examples,
+                           **({"long_videos": a.long_videos} if a.long_videos else {}))
     cfg = DraftTrainConfig(draft=draft, data=data, steps=a.steps, batch_size=a.batch_size,
                            mtp_steps=a.mtp_steps, seed=a.seed, long_steps=a.long_steps)
     rec = train_draft(target, cfg, a.data_dir, a.work_dir, a.out, init=a.init)
@@ -228,6 +229,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _frames_by_side(text: str) -> tuple[tuple[int, int], ...]:
+    """'96x256,128x128' -> ((96, 256), (128, 128))"""
+    try:
+        pairs = tuple(tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item.strip())
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected FRAMESxSIDE pairs like 96x256,128x128, got {text!r}")
+    return pairs
+
+
 def _bench(module, cfg, out: str | None) -> None:
     """Run a benchmark module (run_bench, table, write), print its table, write its files."""
     rows = module.run_bench(cfg)
@@ -343,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=3000, help="demo videos the target answers for training data")
-    p.add_argument("--long-examples", type=int, default=40,
-                   help="long demo videos (12k-16k visual tokens) the target captions for phase 2 (0: no phase 2)")
+    p.add_argument("--long-examples", type=int, default=60,
+                   help="long demo videos (sizes: --long-videos) the target captions for phase 2 (0: no phase 2)")
+    p.add_argument("--long-videos", type=_frames_by_side, default=None, metavar="FxS,...",
+                   help="phase-2 video sizes, frames x side in pixels, taken in turn "
+                        "(default: 96x256,128x256,128x128: 12,288, 16,384 and 4,096 visual tokens)")
     p.add_argument("--long-steps", type=int, default=300, help="phase-2 steps (mixed short and long videos)")
     p.add_argument("--init", default=None,
                    help="a trained draft of the same config: start phase 2 from it, skipping phase 1")
