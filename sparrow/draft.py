@@ -99,6 +99,15 @@ class DraftConfig:
         return cls(**d)
 
 
+def _exact_half(w: torch.Tensor) -> torch.Tensor:
+    """A float16 copy of float32 `w` if it holds every value exactly, else `w` (detached)."""
+    w = w.detach()
+    if w.dtype != torch.float32:
+        return w
+    h = w.to(torch.float16)
+    return h if torch.equal(h.to(torch.float32), w) else w
+
+
 @functools.lru_cache(maxsize=8)
 def _inv_freq(d: int, theta: float) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [D/2]
@@ -190,8 +199,9 @@ class Draft(nn.Module):
         from .attention_cpp import load
 
         load()
+        weights, _ = self._step_args()  # ln_attn, k and v are its 2nd, 4th and 5th
         k, v = torch.ops.sparrow.draft_kv(x[0], positions[0].to(torch.float32), _inv_freq(self.cfg.head_dim,
-                                          self.cfg.rope_theta), self.ln_attn.weight, self.k.weight, self.v.weight,
+                                          self.cfg.rope_theta), weights[1], weights[3], weights[4],
                                           self.cfg.rms_norm_eps)  # [Hkv, T, D]
         return k[None], v[None]
 
@@ -242,17 +252,24 @@ class Draft(nn.Module):
         return h, kept[0], self.logits(h[:, 0])[0]
 
     def _step_args(self) -> tuple[list[torch.Tensor], float]:
-        """The fused step's weights, in `csrc/draft_step.cpp`'s order, and the final norm's epsilon. Kept
-        after the first call: the parameters are updated in place (optimisers, load_state_dict, .to())."""
-        if "_step_cache" not in self.__dict__:
+        """The fused ops' weights, in `csrc/draft_step.cpp`'s order, and the final norm's epsilon. Each
+        matrix is a float16 copy where that holds its values exactly (a draft loaded from its float16 file):
+        the C++ products then read half the bytes for the same arithmetic, which is what a draft step costs
+        after a long verify has evicted its weights from the caches. Rebuilt when a weight changes in place
+        (optimisers, load_state_dict: their version counters move)."""
+        mods = (self.inp, self.ln_attn, self.q, self.k, self.v, self.o, self.ln_mlp, self.gate, self.up,
+                self.down, self.final_norm)
+        source = [m.weight for m in mods] + [self.head]
+        version = sum(w._version for w in source)
+        cache = self.__dict__.get("_step_cache")
+        if cache is None or cache[0] != version:
             eps = getattr(self.final_norm, "variance_epsilon", getattr(self.final_norm, "eps", None))
             if eps is None:
                 raise ValueError(f"the target's final norm ({type(self.final_norm).__name__}) names no epsilon; "
                                  "run the draft with SPARROW_DRAFT=torch")
-            mods = (self.inp, self.ln_attn, self.q, self.k, self.v, self.o, self.ln_mlp, self.gate, self.up,
-                    self.down, self.final_norm)
-            self.__dict__["_step_cache"] = ([m.weight for m in mods] + [self.head], float(eps))
-        return self.__dict__["_step_cache"]
+            cache = (version, [_exact_half(w) if w.dim() == 2 else w.detach() for w in source], float(eps))
+            self.__dict__["_step_cache"] = cache
+        return cache[1], cache[2]
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_step_cache", None)  # .to() / .half() replace the frozen buffers (embed, head)

@@ -424,6 +424,42 @@ def test_window_context_buffer_holds_glimpses_window_and_ancestors(tiny, trained
                 assert torch.equal(v[:, cfg.glimpses + valid:-1], prior[1][0])
 
 
+def test_fused_ops_read_float16_weights_exactly(tiny, trained):
+    """A draft whose weights float16 holds exactly (one loaded from its file) gives the fused ops float16
+    matrices: the same bits out as their float32 copies. In-place weight updates rebuild them."""
+    import copy
+
+    from sparrow import attention_cpp
+    from sparrow.draft import _inv_freq
+
+    if not attention_cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    draft, _ = trained
+    cfg = draft.cfg
+    rounded = copy.deepcopy(draft)
+    with torch.no_grad():
+        for prm in rounded.parameters():
+            prm.copy_(prm.half().float())
+    weights, eps = rounded._step_args()
+    assert weights[2].dtype == torch.float16 and weights[1].dtype == torch.float32  # q matrix; ln_attn stays
+    full = [w.float() for w in weights]
+    g = torch.Generator().manual_seed(3)
+    inv = _inv_freq(cfg.head_dim, cfg.rope_theta)
+    x_in = torch.randn(2 * cfg.hidden_size, generator=g)
+    ctx = [torch.randn(cfg.num_kv_heads, 10, cfg.head_dim, generator=g) for _ in range(2)]
+    with torch.no_grad():
+        outs = [torch.ops.sparrow.draft_step(x_in, inv, 7, ctx[0].clone(), ctx[1].clone(), w, cfg.rms_norm_eps, eps)
+                for w in (weights, full)]
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        x, pos = torch.randn(5, cfg.hidden_size, generator=g), torch.arange(40, 45).float()
+        kvs = [torch.ops.sparrow.draft_kv(x, pos, inv, w[1], w[3], w[4], cfg.rms_norm_eps) for w in (weights, full)]
+        for a, b in zip(*kvs):
+            assert torch.equal(a, b)
+        rounded.q.weight.mul_(2)
+    assert torch.equal(rounded._step_args()[0][2].float(), rounded.q.weight)
+
+
 def test_fused_draft_step_names_bad_input():
     from sparrow import attention_cpp
 

@@ -15,7 +15,8 @@
 // multi-token op over the context in place (for EAGLE's prefix: flash-decoding across threads, each
 // KV head read once for its G query heads);
 // weights: inp [H, 2H], ln_attn [H], q [Hq*D, H], k [Hkv*D, H], v [Hkv*D, H], o [H, Hq*D],
-// ln_mlp [H], gate [I, H], up [I, H], down [H, I], final_norm [H], head [V, H].
+// ln_mlp [H], gate [I, H], up [I, H], down [H, I], final_norm [H], head [V, H] (the matrices float32 or
+// float16, the norms float32).
 // Returns h [H] (the layer's output residual stream), k, v [Hkv, D] (its own rotated key, value) and
 // logits [V]. Query head h pairs with KV head h / G (transformers' repeat_kv).
 //
@@ -83,9 +84,11 @@ void rotate(float* x, int64_t heads, int64_t d, const float* cos, const float* s
   }
 }
 
-void check(const char* op, const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "sparrow::", op, ": ", name,
-              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+// `matrix`: a weight read only by small_m_product, which takes float16 as well.
+void check(const char* op, const at::Tensor& t, const char* name, std::vector<int64_t> shape, bool matrix = false) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || (matrix && t.scalar_type() == at::kHalf)),
+              "sparrow::", op, ": ", name, " must be a float32", matrix ? " or float16" : "", " CPU tensor, got ",
+              t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "sparrow::", op, ": ", name, " must be ", at::IntArrayRef(shape),
               ", got ", t.sizes());
 }
@@ -112,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
                                                     {vocab, h}};
   std::vector<at::Tensor> w;
   for (int64_t i = 0; i < NUM_WEIGHTS; ++i) {
-    check("draft_step", weights[i], names[i], shapes[i]);
+    check("draft_step", weights[i], names[i], shapes[i], shapes[i].size() == 2);
     w.push_back(weights[i].contiguous());
   }
   // The context is used in place (for EAGLE it is the whole prefix cache): only D must be contiguous.
@@ -171,8 +174,8 @@ std::tuple<at::Tensor, at::Tensor> draft_kv(const at::Tensor& x_in, const at::Te
   check("draft_kv", positions, "positions", {t});
   check("draft_kv", inv_freq, "inv_freq", {d / 2});
   check("draft_kv", ln_w, "ln_attn", {h});
-  check("draft_kv", k_w, "k", {hkv * d, h});
-  check("draft_kv", v_w, "v", {hkv * d, h});
+  check("draft_kv", k_w, "k", {hkv * d, h}, true);
+  check("draft_kv", v_w, "v", {hkv * d, h}, true);
   const at::Tensor x = x_in.contiguous(), pos = positions.contiguous(), ln = ln_w.contiguous();
   at::Tensor n = at::empty({t, h}, x.options());                   // [T, H]
   at::Tensor k = at::empty({t, hkv, d}, x.options()), v = at::empty({t, hkv, d}, x.options());  // [T, Hkv, D]

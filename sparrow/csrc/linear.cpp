@@ -23,15 +23,17 @@ namespace {
 
 constexpr int64_t GRAIN = 128;  // output columns per task: a 256-wide layer stays on one thread
 
-SPARROW_CLONES void product_rows(const float* w, const float* x, int64_t m, int64_t x_stride, int64_t k, int64_t n,
+// W is float32, or float16 (read as float32: the conversion is exact, the arithmetic the same).
+template <typename W>
+SPARROW_CLONES void product_rows(const W* w, const float* x, int64_t m, int64_t x_stride, int64_t k, int64_t n,
                                  float* y, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
-    const float* row = w + c * k;
+    const W* row = w + c * k;
     for (int64_t i = 0; i < m; ++i) {
       const float* xi = x + i * x_stride;
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < k; ++j) acc += row[j] * xi[j];
+      for (int64_t j = 0; j < k; ++j) acc += static_cast<float>(row[j]) * xi[j];
       y[i * n + c] = acc;
     }
   }
@@ -41,7 +43,13 @@ SPARROW_CLONES void product_rows(const float* w, const float* x, int64_t m, int6
 // Columns [c0, c1) in tiles of 4 weight rows x 2 input rows: 8 accumulators over K, one
 // transpose-reduce; the tile's weight rows stay in L1 for every pair of input rows. A tile's
 // output is the same arithmetic whatever M is (an odd last row runs the tile with itself twice).
-SPARROW_AVX2 void product_rows_avx2(const float* w, const float* x, int64_t m, int64_t x_stride, int64_t k,
+SPARROW_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+SPARROW_F16C inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <typename W>
+SPARROW_F16C void product_rows_avx2(const W* w, const float* x, int64_t m, int64_t x_stride, int64_t k,
                                     int64_t n, float* y, int64_t c0, int64_t c1) {
   int64_t c = c0;
   for (; c + 4 <= c1; c += 4) {
@@ -53,7 +61,7 @@ SPARROW_AVX2 void product_rows_avx2(const float* w, const float* x, int64_t m, i
       for (int64_t j = 0; j < k; j += 8) {
         const __m256 a0 = _mm256_loadu_ps(x0 + j), a1 = _mm256_loadu_ps(x1 + j);
         for (int r = 0; r < 4; ++r) {
-          const __m256 wr = _mm256_loadu_ps(w + (c + r) * k + j);
+          const __m256 wr = load8(w + (c + r) * k + j);
           acc[r] = _mm256_fmadd_ps(wr, a0, acc[r]);
           acc[4 + r] = _mm256_fmadd_ps(wr, a1, acc[4 + r]);
         }
@@ -71,7 +79,7 @@ SPARROW_AVX2 void product_rows_avx2(const float* w, const float* x, int64_t m, i
 
 bool has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 #endif
 
@@ -100,9 +108,9 @@ at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
 
 }  // namespace
 
-void small_m_product(const at::Tensor& w, const float* x, int64_t m, int64_t x_stride, float* y) {
-  const float* wp = w.data_ptr<float>();
-  const int64_t n = w.size(0), k = w.size(1);
+namespace {
+template <typename W>
+void product(const W* wp, const float* x, int64_t m, int64_t x_stride, int64_t k, int64_t n, float* y) {
 #ifdef SPARROW_AVX2
   static const bool avx2 = has_avx2();
   if (avx2 && k % 8 == 0) {
@@ -111,6 +119,16 @@ void small_m_product(const at::Tensor& w, const float* x, int64_t m, int64_t x_s
   }
 #endif
   at::parallel_for(0, n, GRAIN, [&](int64_t c0, int64_t c1) { product_rows(wp, x, m, x_stride, k, n, y, c0, c1); });
+}
+}  // namespace
+
+void small_m_product(const at::Tensor& w, const float* x, int64_t m, int64_t x_stride, float* y) {
+  const int64_t n = w.size(0), k = w.size(1);
+  if (w.scalar_type() == at::kHalf) {
+    product(w.data_ptr<at::Half>(), x, m, x_stride, k, n, y);
+  } else {
+    product(w.data_ptr<float>(), x, m, x_stride, k, n, y);
+  }
 }
 
 }  // namespace sparrow_cpu

@@ -6,6 +6,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SPARROW_AVX2 __attribute__((target("avx2,fma")))
+#define SPARROW_F16C __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace sparrow_cpu {
@@ -20,8 +21,10 @@ SPARROW_AVX2 inline __m256 transpose_reduce8(const __m256* a) {
 }
 #endif
 
-// y [M, N] = x [M, K] W^T for W [N, K] contiguous float32 (rows of x contiguous, x_stride apart),
-// split across threads by output column; every weight row is read once for all M rows.
+// y [M, N] = x [M, K] W^T for W [N, K] contiguous float32 or float16 (rows of x contiguous, x_stride
+// apart), split across threads by output column; every weight row is read once for all M rows. A float16
+// W is converted exactly and summed in float32 in the same order: the float32 copy of the same values
+// gives the same bits, from half the bytes (what a draft step pays for after a long verify evicts it).
 void small_m_product(const at::Tensor& w, const float* x, int64_t m, int64_t x_stride, float* y);
 
 }  // namespace sparrow_cpu
