@@ -85,7 +85,8 @@ void rotate(float* x, int64_t heads, int64_t d, const float* cos, const float* s
 }
 
 // `matrix`: a weight read only by small_m_product, which takes float16 as well.
-void check(const char* op, const at::Tensor& t, const char* name, std::vector<int64_t> shape, bool matrix = false) {
+void check(const char* op, const at::Tensor& t, const char* name, std::vector<int64_t> shape,
+           bool matrix = false) {
   TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || (matrix && t.scalar_type() == at::kHalf)),
               "sparrow::", op, ": ", name, " must be a float32", matrix ? " or float16" : "", " CPU tensor, got ",
               t.scalar_type(), " on ", t.device());

@@ -114,7 +114,8 @@ void product(const W* wp, const float* x, int64_t m, int64_t x_stride, int64_t k
 #ifdef SPARROW_AVX2
   static const bool avx2 = has_avx2();
   if (avx2 && k % 8 == 0) {
-    at::parallel_for(0, n, GRAIN, [&](int64_t c0, int64_t c1) { product_rows_avx2(wp, x, m, x_stride, k, n, y, c0, c1); });
+    at::parallel_for(0, n, GRAIN,
+                     [&](int64_t c0, int64_t c1) { product_rows_avx2(wp, x, m, x_stride, k, n, y, c0, c1); });
     return;
   }
 #endif
