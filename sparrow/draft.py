@@ -257,19 +257,23 @@ class Draft(nn.Module):
         the C++ products then read half the bytes for the same arithmetic, which is what a draft step costs
         after a long verify has evicted its weights from the caches. Rebuilt when a weight changes in place
         (optimisers, load_state_dict: their version counters move)."""
-        mods = (self.inp, self.ln_attn, self.q, self.k, self.v, self.o, self.ln_mlp, self.gate, self.up,
-                self.down, self.final_norm)
-        source = [m.weight for m in mods] + [self.head]
-        version = sum(w._version for w in source)
         cache = self.__dict__.get("_step_cache")
-        if cache is None or cache[0] != version:
+        if cache is None:
+            mods = (self.inp, self.ln_attn, self.q, self.k, self.v, self.o, self.ln_mlp, self.gate, self.up,
+                    self.down, self.final_norm)
+            source = [m.weight for m in mods] + [self.head]  # the same tensors until _apply replaces them
+        else:
+            source = cache[0]
+        version = sum(w._version for w in source)
+        if cache is None or cache[1] != version:
             eps = getattr(self.final_norm, "variance_epsilon", getattr(self.final_norm, "eps", None))
             if eps is None:
                 raise ValueError(f"the target's final norm ({type(self.final_norm).__name__}) names no epsilon; "
                                  "run the draft with SPARROW_DRAFT=torch")
-            cache = (version, [_exact_half(w) if w.dim() == 2 else w.detach() for w in source], float(eps))
+            weights = [_exact_half(w) if w.dim() == 2 else w.detach() for w in source]
+            cache = (source, version, weights, float(eps))
             self.__dict__["_step_cache"] = cache
-        return cache[1], cache[2]
+        return cache[2], cache[3]
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_step_cache", None)  # .to() / .half() replace the frozen buffers (embed, head)
