@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attend", default="window", choices=["window", "prefix"],
                    help="window: Sparrow text-anchor window (VATA); prefix: EAGLE baseline over every position")
     p.add_argument("--window", type=int, default=64, help="W: text anchors in the window")
-    p.add_argument("--glimpses", type=int, default=8, help="IVSB glimpse vectors (0: no bridging)")
+    p.add_argument("--glimpses", type=int, default=16, help="IVSB glimpse vectors (0: no bridging)")
     p.add_argument("--glimpse-layer", type=int, default=2, help="target layer the glimpses are pooled from")
     p.add_argument("--mtp-steps", type=int, default=5, help="rollout length in training (1: no multi-token training)")
     p.add_argument("--steps", type=int, default=1500)

@@ -63,7 +63,7 @@ class DraftConfig:
     intermediate_size: int = 768
     attend: str = "window"  # "window": Sparrow (VATA); "prefix": EAGLE, all positions incl. visual
     window: int = 64  # W text anchors
-    glimpses: int = 8  # IVSB glimpse vectors; 0 disables bridging
+    glimpses: int = 16  # IVSB glimpse vectors; 0 disables bridging
     glimpse_layer: int = 2  # target hidden_states index the glimpses are pooled from
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
