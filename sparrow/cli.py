@@ -279,6 +279,16 @@ def cmd_bench_acceptance(a):
     _bench(acceptance, cfg, a.json)
 
 
+def cmd_bench_draft_round(a):
+    from .benchmarks import draft_round
+
+    cfg = draft_round.DraftRoundBenchConfig(visual_tokens=a.visual_tokens, strategies=a.strategies,
+                                            videos=a.videos, rounds=a.rounds, max_new_tokens=a.max_new_tokens,
+                                            draft_len=a.draft_len, warm_check=not a.no_warm_check,
+                                            threads=a.threads)
+    _bench(draft_round, cfg, a.json)
+
+
 def cmd_bench_serving(a):
     from .benchmarks import serving
 
@@ -470,6 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_acceptance)
+
+    p = bench.add_parser("draft-round", help="draft ms per round at each video size, side by side in one process "
+                                             "(the embedded drafts)")
+    p.add_argument("--visual-tokens", type=_int_list, default=(1024, 25600))
+    p.add_argument("--strategies", type=_str_list, default=("sparrow", "eagle"), help="comma-separated: sparrow, eagle")
+    p.add_argument("--videos", type=int, default=2, help="held-out demo videos per size")
+    p.add_argument("--rounds", type=int, default=2, help="passes over sizes and videos (median reported)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="every decode runs this long")
+    p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
+    p.add_argument("--no-warm-check", action="store_true",
+                   help="skip the Sparrow rows whose draft weights are read right after each verify")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
+    p.set_defaults(fn=cmd_bench_draft_round)
 
     p = bench.add_parser("serving", help="tokens/s through the Triton ensemble (streaming) vs in-process "
                                          "decoding on the same videos, interleaved")

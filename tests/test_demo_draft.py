@@ -53,3 +53,23 @@ def test_cli_generate_strategies_agree(tmp_path):
                                 "--strategy", "sparrow", "--tree-width", "2", "--temperature", "0.7"],
                          capture_output=True, text=True)
     assert err.returncode != 0 and "chains only" in err.stderr
+
+
+def test_bench_draft_round_rows_and_ratios():
+    from sparrow.benchmarks import draft_round
+
+    cfg = draft_round.DraftRoundBenchConfig(visual_tokens=(256, 1024), videos=1, rounds=2, max_new_tokens=8)
+    rows = draft_round.run_bench(cfg, progress=False)
+    keys = {(r["visual_tokens"], r["strategy"], r["weights_warmed"]) for r in rows}
+    assert keys == {(n, s, w) for n in (256, 1024) for s, w in (("sparrow", False), ("eagle", False),
+                                                                 ("sparrow", True))}
+    for r in rows:
+        base = next(b for b in rows if b["visual_tokens"] == 256 and b["strategy"] == r["strategy"]
+                    and b["weights_warmed"] == r["weights_warmed"])
+        assert r["ratio_vs_smallest"] == pytest.approx(r["draft_ms_per_round"] / base["draft_ms_per_round"], abs=1e-3)
+        assert r["draft_ms_per_round"] > 0 and r["verify_ms_per_round"] > 0 and r["mean_accepted_length"] >= 1
+    assert "| 1024 | sparrow | yes |" in draft_round.table(rows)
+    with pytest.raises(ValueError, match="strategies"):
+        draft_round.DraftRoundBenchConfig(strategies=("ar",))
+    with pytest.raises(ValueError, match="rounds"):
+        draft_round.DraftRoundBenchConfig(rounds=0)
