@@ -129,12 +129,17 @@ def new_context(draft: Draft, hidden: dict[int, torch.Tensor], visual_mask: torc
 
 @torch.inference_mode()
 def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.Tensor, root_pos: int,
-               temperature: float = 0.0, gen: torch.Generator | None = None):
+               temperature: float = 0.0, gen: torch.Generator | None = None, first_index: int = 0,
+               min_new_tokens: int = 0, eos: frozenset[int] = frozenset()):
     """Fill the tree's tokens, parents before children. The draft layer runs once per node that has
     children, over that node alone, attending to its context and its ancestors: a node's output
     depends only on its own input and its ancestors' keys/values, which are kept from when they ran,
     so no node is computed twice. Returns tokens `[N]` and, when sampling, the draft's probabilities
-    `[N, V]` (row i: the distribution node i's token was drawn from)."""
+    `[N, V]` (row i: the distribution node i's token was drawn from).
+
+    The root's children are output token number `first_index`: where that number is below
+    `min_new_tokens` the target holds end-of-turn back, so the draft must not propose it (a drafted
+    end-of-turn there is a certain rejection, and the rest of its branch with it)."""
     depths = tree.depths().tolist()
     tokens = torch.zeros(tree.size, dtype=torch.long)  # [N]
     tokens[0] = root
@@ -147,6 +152,8 @@ def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.T
         line = tree.ancestors(i)
         prior = tuple(torch.cat([kv[a][j] for a in line], 2) for j in (0, 1)) if line else None  # [1, Hkv, A, D]
         h, kv[i], logits = draft.step(tokens[i], feats[i], root_pos + depths[i], ctx, root_pos, prior)
+        if first_index + depths[i] < min_new_tokens:
+            logits = hold_eos(logits[None], torch.tensor([first_index + depths[i]]), min_new_tokens, eos)[0]
         if temperature > 0:
             q = torch.softmax(logits.float() / temperature, -1)
             (child,) = children.values()  # sampling drafts are chains
@@ -217,7 +224,8 @@ def generate_speculative(runtime: Runtime | TrtLlmRuntime, draft: Draft, frames:
     mask, depths = tree.mask(), tree.depths()
     while tokens[-1] not in eos and len(tokens) < max_new_tokens:
         ta = time.perf_counter()
-        drafted, q = draft_tree(draft, ctx, tree, tokens[-1], root_feat, root_pos, temperature, gen)
+        drafted, q = draft_tree(draft, ctx, tree, tokens[-1], root_feat, root_pos, temperature, gen,
+                                len(tokens), min_new_tokens, frozenset(eos))
         tb = time.perf_counter()
         start = state.length
         out = runtime.step(state, drafted[None], None if tree.is_chain else mask, depths, layers=layers)

@@ -270,6 +270,38 @@ def test_min_new_tokens_matches_transformers(tiny, trained):
         generate_ar(runtime, f, PROMPT, max_new_tokens=5, min_new_tokens=6)
 
 
+def test_draft_never_proposes_a_held_back_end_of_turn(tiny, trained, monkeypatch):
+    """Where the target holds end-of-turn back (min_new_tokens) the draft does not propose it, even a draft
+    that would put it first everywhere; past min_new_tokens it does; decoding stays lossless."""
+    target, runtime, _ = tiny
+    draft, _ = trained
+    (eos,) = runtime.eos_token_ids
+    step = draft.step
+
+    def eos_first(*args, **kwargs):
+        h, kv, logits = step(*args, **kwargs)
+        logits = logits.clone()
+        logits[eos] += 1e4
+        return h, kv, logits
+
+    monkeypatch.setattr(draft, "step", eos_first)
+    p = runtime.prepare(_frames(33), PROMPT)
+    state, out = runtime.prefill(p, layers=draft.cfg.target_layers)
+    ctx, feats = new_context(draft, out.hidden, p.visual_mask, 512)
+    chain, _ = draft_tree(draft, ctx, TokenTree.chain(4), 5, feats[:, -1:], state.length, first_index=7,
+                          min_new_tokens=9, eos=frozenset({eos}))  # nodes 1, 2 are outputs 7, 8: held
+    assert eos not in chain[1:3].tolist() and chain[3:].tolist() == [eos, eos]
+    spine = TokenTree.spine(3, 2)
+    tokens, _ = draft_tree(draft, ctx, spine, 5, feats[:, -1:], state.length, first_index=0, min_new_tokens=30,
+                           eos=frozenset({eos}))
+    assert eos not in tokens.tolist()
+    f = _frames(34)
+    q = target.prepare(f, PROMPT)
+    hf = target.model.generate(input_ids=q.input_ids, **q.model_inputs, max_new_tokens=30, min_new_tokens=30,
+                               do_sample=False)[0, q.input_ids.shape[1]:].tolist()
+    assert generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(4), 30, min_new_tokens=30).token_ids == hf
+
+
 def test_streaming_callbacks_deliver_every_token_once(tiny, trained):
     _, runtime, _ = tiny
     draft, _ = trained
