@@ -135,10 +135,22 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
+    """What a row was measured on: these projects' CPU machines change between sessions (AMD, Intel; AVX2 or
+    AVX-512), and a table's numbers mean little without the model and the vector extensions."""
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info["cpu_model"] = fields.get("model name", "")
+    info["vector_isa"] = "avx512" if {"avx512f", "avx512dq"} <= flags else "avx2" if {"avx2", "fma"} <= flags else "other"
+    return info
 
 
 def write_rows(rows: list[dict], meta: dict, markdown: str, out: str | Path) -> Path:

@@ -55,7 +55,7 @@ def test_cli_generate_strategies_agree(tmp_path):
     assert err.returncode != 0 and "chains only" in err.stderr
 
 
-def test_bench_draft_round_rows_and_ratios():
+def test_bench_draft_round_rows_and_ratios(tmp_path):
     from sparrow.benchmarks import draft_round
 
     cfg = draft_round.DraftRoundBenchConfig(visual_tokens=(256, 1024), videos=1, rounds=2, max_new_tokens=8)
@@ -69,6 +69,13 @@ def test_bench_draft_round_rows_and_ratios():
         assert r["ratio_vs_smallest"] == pytest.approx(r["draft_ms_per_round"] / base["draft_ms_per_round"], abs=1e-3)
         assert r["draft_ms_per_round"] > 0 and r["verify_ms_per_round"] > 0 and r["mean_accepted_length"] >= 1
     assert "| 1024 | sparrow | yes |" in draft_round.table(rows)
+    draft_round.write(rows, cfg, tmp_path / "round.json")
+    written = json.loads((tmp_path / "round.json").read_text())
+    assert [{k: r[k] for k in rows[0]} for r in written] == rows
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert written[0]["machine"]["vector_isa"] == ("avx512" if "avx512f" in flags and "avx512dq" in flags else
+                                                   "avx2" if "avx2" in flags and "fma" in flags else "other")
+    assert written[0]["machine"]["cpu_model"] and written[0]["config"]["videos"] == 1
     with pytest.raises(ValueError, match="strategies"):
         draft_round.DraftRoundBenchConfig(strategies=("ar",))
     with pytest.raises(ValueError, match="rounds"):
