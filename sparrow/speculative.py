@@ -18,7 +18,7 @@ target's distribution.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,7 +130,7 @@ def new_context(draft: Draft, hidden: dict[int, torch.Tensor], visual_mask: torc
 @torch.inference_mode()
 def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.Tensor, root_pos: int,
                temperature: float = 0.0, gen: torch.Generator | None = None, first_index: int = 0,
-               min_new_tokens: int = 0, eos: frozenset[int] = frozenset()):
+               min_new_tokens: int = 0, eos: Collection[int] = ()):
     """Fill the tree's tokens, parents before children. The draft layer runs once per node that has
     children, over that node alone, attending to its context and its ancestors: a node's output
     depends only on its own input and its ancestors' keys/values, which are kept from when they ran,
@@ -226,7 +226,7 @@ def generate_speculative(runtime: Runtime | TrtLlmRuntime, draft: Draft, frames:
     while tokens[-1] not in eos and len(tokens) < max_new_tokens:
         ta = time.perf_counter()
         drafted, q = draft_tree(draft, ctx, tree, tokens[-1], root_feat, root_pos, temperature, gen,
-                                len(tokens), min_new_tokens, frozenset(eos))
+                                len(tokens), min_new_tokens, eos)
         tb = time.perf_counter()
         start = state.length
         out = runtime.step(state, drafted[None], None if tree.is_chain else mask, depths, layers=layers)
