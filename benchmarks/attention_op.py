@@ -28,8 +28,23 @@ from sparrow.attention import multi_token_attention
 
 
 def candidates() -> dict:
-    return {"torch": lambda q, k, v, past, mask, scale: multi_token_attention(q, k, v, past, mask, scale),
-            "cpp": attention_cpp.multi_token_attention}
+    """torch, the C++ op, and with AVX-512 the C++ op held to its row-tile layout ("cpp-row-tiles"), so
+    the rows-in-lanes layout it takes for many rows is measured against the one it replaced."""
+    fns = {"torch": lambda q, k, v, past, mask, scale: multi_token_attention(q, k, v, past, mask, scale),
+           "cpp": attention_cpp.multi_token_attention}
+    if attention_cpp.isa() == "avx512":
+        fns["cpp-row-tiles"] = lambda *args: row_tiles(attention_cpp.multi_token_attention, *args)
+    return fns
+
+
+def row_tiles(fn, *args):
+    """fn(*args) with the C++ op's rows-in-lanes layout switched off."""
+    default = attention_cpp.lanes_min_rows()
+    attention_cpp.lanes_min_rows(1 << 30)
+    try:
+        return fn(*args)
+    finally:
+        attention_cpp.lanes_min_rows(default)
 
 
 def measure(pasts=(1024, 4096, 25600), ts=(1, 6), kv_heads=2, groups=2, head_dim=64, rounds=15,
@@ -88,11 +103,12 @@ def measure_runtime(visual_tokens=(1024, 4096, 25600), draft_len=5, rounds=15, t
 
             def case(backend, t):
                 def fn():
-                    os.environ["SPARROW_ATTENTION"] = backend
-                    run(t)
+                    os.environ["SPARROW_ATTENTION"] = backend.removesuffix("-row-tiles")
+                    row_tiles(run, t) if backend.endswith("-row-tiles") else run(t)
                 return fn
 
-            cases = {(t, b): case(b, t) for t in (1, draft_len + 1) for b in ("torch", "cpp")}
+            backends = ("torch", "cpp") + (("cpp-row-tiles",) if attention_cpp.isa() == "avx512" else ())
+            cases = {(t, b): case(b, t) for t in (1, draft_len + 1) for b in backends}
             for (t, b), ms in _interleaved(cases, rounds, 1).items():
                 rows.append({"past": state.length, "T": t, "backend": b, "ms": round(ms, 4)})
     finally:
@@ -122,6 +138,7 @@ def main(argv=None):
     p.add_argument("--past", default="1024,4096,25600", help="cache lengths for the attention alone")
     p.add_argument("--visual-tokens", help="measure whole runtime steps of the demo target at these sizes instead")
     p.add_argument("--head-dim", type=int, default=64, help="head dim for the attention alone (demo target: 64)")
+    p.add_argument("--t", default="1,6", help="new tokens per step for the attention alone (6: a K = 5 chain verify)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the rows here (and the table next to it as .md)")
@@ -129,8 +146,8 @@ def main(argv=None):
     if a.visual_tokens:
         rows = measure_runtime(tuple(int(x) for x in a.visual_tokens.split(",")), rounds=a.rounds, threads=a.threads)
     else:
-        rows = measure(tuple(int(x) for x in a.past.split(",")), head_dim=a.head_dim, rounds=a.rounds,
-                       threads=a.threads)
+        rows = measure(tuple(int(x) for x in a.past.split(",")), tuple(int(x) for x in a.t.split(",")),
+                       head_dim=a.head_dim, rounds=a.rounds, threads=a.threads)
     print(table(rows))
     if a.json:
         out = Path(a.json)

@@ -9,7 +9,8 @@ a dependency of the package; the build is cached under torch's extensions folder
 `sparrow.attention.multi_token_attention` for float32 CPU tensors: each KV head's keys and values
 are read once for all G*T stacked query rows, the cache length is split across threads
 (flash-decoding) with a log-sum-exp merge, fp32 online softmax, AVX-512 or AVX2 intrinsics where the
-CPU has them and portable loops elsewhere.
+CPU has them and portable loops elsewhere. With AVX-512, steps of `lanes_min_rows()` query rows per KV
+head or more (verifies) put the rows in the vector lanes instead of the head dim (no horizontal sums).
 
 `available()` says whether it built (never raises); `load()` builds it or raises `AttentionBuildError`
 saying why. `sparrow.attention.runtime_attention` uses it on CPU when it builds and falls back to
@@ -116,3 +117,11 @@ def isa(which: str = "") -> str:
     """
     load()
     return torch.ops.sparrow.multi_token_attention_isa(which)
+
+
+def lanes_min_rows(rows: int = 0) -> int:
+    """With AVX-512, steps of at least this many query rows per KV head (G * T) use the rows-in-lanes
+    layout, fewer the row tiles (both in `csrc/multi_token_attention.cpp`). `rows` > 0 sets it (1: always,
+    a huge value: never; tests and `benchmarks.attention_op` run both); returns the setting in force."""
+    load()
+    return torch.ops.sparrow.multi_token_attention_lanes_min_rows(rows)

@@ -10,16 +10,23 @@ from sparrow.attention import reference_attention
 # Where a compiler exists the op must build: a failed build fails these tests rather than skipping them.
 pytestmark = pytest.mark.skipif(attention_cpp.compiler() is None, reason="no C++ compiler on this machine")
 
-ISAS = ["portable", "avx2", "auto"]  # auto: AVX-512 where the CPU has it, else AVX2
+# auto: AVX-512 where the CPU has it, else AVX2; AVX-512 once more with each of its two layouts forced
+# for every row count (rows-in-lanes from 1 row, row tiles for all).
+ISAS = ["portable", "avx2", "auto", "avx512-lanes", "avx512-row-tiles"]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
+    which, _, layout = request.param.partition("-")
     try:
-        attention_cpp.isa(request.param)
-    except RuntimeError as e:  # a CPU without AVX2
+        attention_cpp.isa(which)
+    except RuntimeError as e:  # a CPU without AVX2 or AVX-512
         pytest.skip(str(e))
+    default = attention_cpp.lanes_min_rows()
+    if layout:
+        attention_cpp.lanes_min_rows(1 if layout == "lanes" else 1 << 30)
     yield request.param
+    attention_cpp.lanes_min_rows(default)
     attention_cpp.isa("auto")
 
 
@@ -86,6 +93,8 @@ def test_rejects_bad_inputs():
                                             torch.zeros(2, 8, 16), 3, mask, 1.0)
     with pytest.raises(RuntimeError, match="isa must be"):
         attention_cpp.isa("sse9")
+    with pytest.raises(RuntimeError, match="lanes_min_rows must be positive"):
+        attention_cpp.lanes_min_rows(-1)
 
 
 @pytest.mark.parametrize("env", ["torch", "cpp", ""])
