@@ -1,7 +1,7 @@
 """`sparrow bench draft-round`: a draft round's cost at each video size, side by side in one process.
 
-`bench speedup` runs every (size, strategy) in its own process, so its draft ms/step at two sizes come
-from two processes, whose memory layouts and moments on a noisy machine differ. The ratio the issue
+`bench speedup` runs every size in its own process, so its draft ms/step at two sizes come from two
+processes, whose memory layouts and moments on a noisy machine differ. The ratio the issue
 bounds (Sparrow's draft round at 25,600 visual tokens against 1,024) is measured here in one process:
 the sizes take turns video by video for `rounds` passes, each row's value is the median over passes of
 the pass's mean. Rows marked `weights_warmed` decode the same way but read every weight of the fused draft

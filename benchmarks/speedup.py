@@ -1,8 +1,11 @@
 """`sparrow bench speedup`: ar, eagle and sparrow (and stock transformers generate) on the same videos.
 
-For each visual-token count, each strategy runs in its own process (so its peak RSS is its own) over
-the same held-out demo videos with the caption prompt, greedy. Decode throughput excludes prefill
-(reported separately, as the paper does). `lossless` compares each strategy's tokens with `ar`'s.
+For each visual-token count, one process decodes the same held-out demo videos (caption prompt,
+greedy) with every strategy, interleaved video by video with the order rotating: this project's CPU
+machines are shared and drift by tens of percent within minutes, which strategies timed minutes apart
+in separate processes took as differences of their own. Each strategy's peak RSS comes from a fresh
+process of its own over the first video. Decode throughput excludes prefill (reported separately, as
+the paper does). `lossless` compares each strategy's tokens with `ar`'s.
 Rows: visual_tokens, strategy, tokens_per_s, speedup_vs_ar, mean_accepted_length, draft_ms_per_step,
 verify_ms_per_step, peak_rss_mb, lossless, prefill_s, new_tokens, videos.
 """
@@ -62,7 +65,8 @@ def bench_videos(n_visual: int, count: int) -> list:
             for i in range(count)]
 
 
-def _hf_generate(target, frames, prompt, cfg: SpeedupBenchConfig, lookup: bool) -> tuple[list[int], float]:
+def _hf_generate(target, frames, prompt, max_new_tokens: int, min_new_tokens: int,
+                 lookup: bool) -> tuple[list[int], float]:
     """Stock transformers generate; decode time = time(N tokens) - time(1 token), i.e. without prefill."""
     import torch
 
@@ -72,87 +76,128 @@ def _hf_generate(target, frames, prompt, cfg: SpeedupBenchConfig, lookup: bool) 
         kw["prompt_lookup_num_tokens"] = 5
     times = []
     with torch.inference_mode():
-        for n in (1, cfg.max_new_tokens):
+        for n in (1, max_new_tokens):
             t0 = time.perf_counter()
-            out = target.model.generate(**kw, max_new_tokens=n, min_new_tokens=min(n, cfg.min_new_tokens))
+            out = target.model.generate(**kw, max_new_tokens=n, min_new_tokens=min(n, min_new_tokens))
             times.append(time.perf_counter() - t0)
     return out[0, p.input_ids.shape[1]:].tolist(), max(times[1] - times[0], 1e-9)
 
 
-def _measure(args) -> dict:
-    cfg_json, strategy, n_visual = args
-    import torch
-
+def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
+    """The loaded target, and strategy -> decode(frames, prompt, max_new_tokens) -> (token ids, stats
+    with new_tokens and decode_s), all on that target (and one runtime) in this process."""
     from sparrow.demo.model import DEMO_DRAFTS, DEMO_TARGET_DIR
     from sparrow.draft import Draft
     from sparrow.generate import generate_ar
-    from sparrow.runtime import Runtime, peak_rss_mb
+    from sparrow.runtime import Runtime
     from sparrow.speculative import TokenTree, generate_speculative
     from sparrow.target import Target
 
+    target = Target.load(cfg.model or DEMO_TARGET_DIR)
+    tree = TokenTree.static(cfg.draft_len, cfg.tree_width)
+    longest = max(target.prepare(f, p).input_ids.shape[1] for f, p in videos)
+    runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + tree.size + 1, prefill_chunk=cfg.prefill_chunk)
+
+    def decoder(strategy):
+        if strategy.startswith("hf"):
+            def hf(frames, prompt, n):
+                toks, decode_s = _hf_generate(target, frames, prompt, n, min(n, cfg.min_new_tokens),
+                                              strategy == "hf_lookup")
+                return toks, {"new_tokens": len(toks), "decode_s": decode_s}
+            return hf
+        if strategy == "ar":
+            def ar(frames, prompt, n):
+                res = generate_ar(runtime, frames, prompt, n, min_new_tokens=min(n, cfg.min_new_tokens))
+                return res.token_ids, res.stats
+            return ar
+        draft = Draft.load(getattr(cfg, f"{strategy}_draft") or DEMO_DRAFTS[strategy], target.model)
+
+        def speculative(frames, prompt, n):
+            res = generate_speculative(runtime, draft, frames, prompt, tree, n, min_new_tokens=min(n, cfg.min_new_tokens))
+            return res.token_ids, res.stats
+        return speculative
+
+    return target, {s: decoder(s) for s in strategies}
+
+
+def _time_size(args) -> list[dict]:
+    """Every strategy at one size in one process, interleaved video by video (the order rotating), so
+    that the machine's drift over the minutes this takes hits them alike: rows without peak RSS."""
+    cfg_json, n_visual = args
+    import torch
+
     cfg = SpeedupBenchConfig(**cfg_json)
     torch.set_num_threads(cfg.threads)
-    target = Target.load(cfg.model or DEMO_TARGET_DIR)
     videos = bench_videos(n_visual, cfg.videos)
-    tokens, runs, draft = [], [], None
-    if strategy.startswith("hf"):
-        for frames, prompt in videos:
-            toks, decode_s = _hf_generate(target, frames, prompt, cfg, strategy == "hf_lookup")
-            tokens.append(toks)
-            runs.append({"new_tokens": len(toks), "decode_s": decode_s})
-    else:
-        longest = max(target.prepare(f, p).input_ids.shape[1] for f, p in videos)
-        tree = TokenTree.static(cfg.draft_len, cfg.tree_width)
-        runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + tree.size + 1, prefill_chunk=cfg.prefill_chunk)
-        if strategy != "ar":
-            path = getattr(cfg, f"{strategy}_draft") or DEMO_DRAFTS[strategy]
-            draft = Draft.load(path, target.model)
-        # untimed warm-up on the first video: first-use costs (the C++ attention op's build, allocator,
-        # caches) stay out of the timed runs
-        frames, prompt = videos[0]
-        if draft is None:
-            generate_ar(runtime, frames, prompt, 4)
-        else:
-            generate_speculative(runtime, draft, frames, prompt, tree, 4)
-        for frames, prompt in videos:
-            if draft is None:
-                res = generate_ar(runtime, frames, prompt, cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
-            else:
-                res = generate_speculative(runtime, draft, frames, prompt, tree, cfg.max_new_tokens,
-                                           min_new_tokens=cfg.min_new_tokens)
-            tokens.append(res.token_ids)
-            runs.append(res.stats)
-    new = sum(r["new_tokens"] for r in runs)
-    decode = sum(r["decode_s"] for r in runs)
-    text = target.tokenizer.decode(tokens[0], skip_special_tokens=True)
-    row = {"visual_tokens": n_visual, "strategy": strategy, "tokens_per_s": round(new / decode, 2),
-           "sample_text": text,
-           "new_tokens": new, "videos": len(videos), "peak_rss_mb": round(peak_rss_mb(), 1), "tokens": tokens,
+    target, decode = _decoders(cfg, cfg.strategies, videos)
+    for fn in decode.values():  # untimed warm-up: first-use costs (op builds, allocator, caches) stay out
+        fn(*videos[0], 4)
+    runs = {s: [] for s in cfg.strategies}
+    for i, (frames, prompt) in enumerate(videos):
+        k = i % len(cfg.strategies)
+        for s in cfg.strategies[k:] + cfg.strategies[:k]:
+            runs[s].append(decode[s](frames, prompt, cfg.max_new_tokens))
+    rows = [_row(n_visual, s, runs[s]) for s in cfg.strategies]
+    for r in rows:
+        r["sample_text"] = target.tokenizer.decode(r["tokens"][0], skip_special_tokens=True)
+    return rows
+
+
+def _row(n_visual: int, strategy: str, runs: list[tuple[list[int], dict]]) -> dict:
+    stats = [st for _, st in runs]
+    new = sum(st["new_tokens"] for st in stats)
+    row = {"visual_tokens": n_visual, "strategy": strategy,
+           "tokens_per_s": round(new / sum(st["decode_s"] for st in stats), 2),
+           "new_tokens": new, "videos": len(runs), "tokens": [toks for toks, _ in runs],
            "mean_accepted_length": None, "draft_ms_per_step": None, "verify_ms_per_step": None, "prefill_s": None}
     if not strategy.startswith("hf"):
-        row["prefill_s"] = round(sum(r["prefill_s"] for r in runs) / len(runs), 3)
-    if draft is not None:
-        steps = sum(r["target_steps"] for r in runs)
-        row["mean_accepted_length"] = round(sum(r["new_tokens"] - 1 for r in runs) / steps, 3)
-        row["draft_ms_per_step"] = round(sum(r["draft_ms_per_step"] * r["target_steps"] for r in runs) / steps, 3)
-        row["verify_ms_per_step"] = round(sum(r["verify_ms_per_step"] * r["target_steps"] for r in runs) / steps, 3)
+        row["prefill_s"] = round(sum(st["prefill_s"] for st in stats) / len(stats), 3)
+    if "draft_ms_per_step" in stats[0]:  # the speculative strategies
+        steps = sum(st["target_steps"] for st in stats)
+        row["mean_accepted_length"] = round(sum(st["new_tokens"] - 1 for st in stats) / steps, 3)
+        for key in ("draft_ms_per_step", "verify_ms_per_step"):
+            row[key] = round(sum(st[key] * st["target_steps"] for st in stats) / steps, 3)
     return row
 
 
+def _peak_rss(args) -> float:
+    """One strategy alone in a fresh process, over the first video: its own peak RSS in MB."""
+    cfg_json, strategy, n_visual = args
+    import torch
+
+    from sparrow.runtime import peak_rss_mb
+
+    cfg = SpeedupBenchConfig(**cfg_json)
+    torch.set_num_threads(cfg.threads)
+    videos = bench_videos(n_visual, 1)
+    _decoders(cfg, (strategy,), videos)[1][strategy](*videos[0], cfg.max_new_tokens)
+    return round(peak_rss_mb(), 1)
+
+
 def run_bench(cfg: SpeedupBenchConfig, progress: bool = True) -> list[dict]:
+    """Per size: one process times all strategies side by side, then one fresh process per strategy
+    measures its peak RSS alone (a shared process would report the largest of them for all)."""
     from tqdm import tqdm
 
-    jobs = [(asdict(cfg), s, n) for n in cfg.visual_tokens for s in cfg.strategies]
-    rows = []
     ctx = mp.get_context("spawn")
-    for job in tqdm(jobs, desc="bench speedup", disable=not progress):
-        with ctx.Pool(1) as pool:  # one process per (size, strategy): its own peak RSS
-            rows.append(pool.apply(_measure, (job,)))
-    ar = {r["visual_tokens"]: (r["tokens_per_s"], r["tokens"]) for r in rows if r["strategy"] == "ar"}
-    for r in rows:
-        speed, tokens = ar[r["visual_tokens"]]
-        r["speedup_vs_ar"] = round(r["tokens_per_s"] / speed, 3)
-        r["lossless"] = r.pop("tokens") == tokens
+    rows = []
+    with tqdm(total=len(cfg.visual_tokens) * (1 + len(cfg.strategies)), desc="bench speedup",
+              disable=not progress) as bar:
+        for n in cfg.visual_tokens:
+            with ctx.Pool(1) as pool:
+                timed = pool.apply(_time_size, ((asdict(cfg), n),))
+            bar.update()
+            for r in timed:
+                with ctx.Pool(1) as pool:
+                    r["peak_rss_mb"] = pool.apply(_peak_rss, ((asdict(cfg), r["strategy"], n),))
+                bar.update()
+            ar_row = next(r for r in timed if r["strategy"] == "ar")
+            for r in timed:
+                r["speedup_vs_ar"] = round(r["tokens_per_s"] / ar_row["tokens_per_s"], 3)
+            tokens = ar_row["tokens"]
+            for r in timed:
+                r["lossless"] = r.pop("tokens") == tokens
+            rows.extend(timed)
     return rows
 
 
