@@ -94,6 +94,8 @@ def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
     from sparrow.target import Target
 
     target = Target.load(cfg.model or DEMO_TARGET_DIR)
+    # transformers' generate on a copy of its own: the runtime switches its model's attention to its own
+    plain = Target.load(cfg.model or DEMO_TARGET_DIR) if any(s.startswith("hf") for s in strategies) else None
     tree = TokenTree.static(cfg.draft_len, cfg.tree_width)
     longest = max(target.prepare(f, p).input_ids.shape[1] for f, p in videos)
     runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + tree.size + 1, prefill_chunk=cfg.prefill_chunk)
@@ -101,7 +103,7 @@ def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
     def decoder(strategy):
         if strategy.startswith("hf"):
             def hf(frames, prompt, n):
-                toks, decode_s = _hf_generate(target, frames, prompt, n, min(n, cfg.min_new_tokens),
+                toks, decode_s = _hf_generate(plain, frames, prompt, n, min(n, cfg.min_new_tokens),
                                               strategy == "hf_lookup")
                 return toks, {"new_tokens": len(toks), "decode_s": decode_s}
             return hf
