@@ -32,7 +32,9 @@ from .attention import multi_token_attention
 
 ATTEND_MODES = ("window", "prefix")
 STEP_BACKENDS = ("auto", "torch", "cpp")
-FUSED_KV_ROWS = 16  # rows up to which context_rows_kv uses the fused op (a round's accepted tokens)
+# Rows up to which context_rows_kv uses the fused op: a round's accepted tokens and the glimpses re-rotated
+# with them (16 glimpses + up to K + 1 rows; at 16 the 16-glimpse draft always fell back to `kv`).
+FUSED_KV_ROWS = 32
 
 
 def step_backend(weight: torch.Tensor) -> str:
