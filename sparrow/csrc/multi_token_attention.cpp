@@ -23,7 +23,7 @@
 // lanes_min_rows() rows or more (a verify: G * T rows), where the horizontal sums above cost as much as
 // the FMAs: rows in the 16 lanes, scores as S^T = K Q^T with each key element broadcast, the softmax
 // lane-wise down the keys (block_avx512_lanes); at G = 2 it runs a 6-token verify over a 25.6k cache
-// ~35% faster than the row tiles and an 8-token one in half their time.
+// ~37% faster than the row tiles and an 8-token one in about half their time.
 
 #include "attention.h"
 #include "linear.h"
@@ -410,16 +410,15 @@ SPARROW_AVX512 void block_avx512(const Problem& p, const TaskBuffers& b, const f
 // S^T of NK keys for one row group (qt [D, LANES]): NK accumulators, one query column load per NK FMAs,
 // each FMA taking its key element as a broadcast memory operand. With kn/vn set (NK = 16), the same 16
 // keys of the next block are prefetched meanwhile: 16 rows of D / 16 lines each for K and V, so one
-// line of each per step of c.
-template <int NK>
+// line of each per step of c. KST: the cache's token stride when known at compile time (0: p.k_st);
+// then all 16 key rows are one pointer plus constant offsets, where 16 row pointers leave too few
+// registers and get reloaded from the stack (~8% of a 6-token verify's attention).
+template <int NK, int KST = 0>
 [[gnu::always_inline]] SPARROW_AVX512 inline void scores_lanes(const Problem& p, const float* qt, const float* k,
                                                                float* st, const char* kn, const char* vn) {
   __m512 acc[NK];
-  const float* kj[NK];
-  for (int j = 0; j < NK; ++j) {
-    acc[j] = _mm512_setzero_ps();
-    kj[j] = k + j * p.k_st;
-  }
+  const int64_t kst = KST ? KST : p.k_st;
+  for (int j = 0; j < NK; ++j) acc[j] = _mm512_setzero_ps();
   int64_t line = 0;  // byte offset of the line to prefetch within the current key row
   for (int64_t c = 0; c < p.d; ++c) {
     if (kn != nullptr) {
@@ -434,7 +433,7 @@ template <int NK>
     }
     const __m512 qv = _mm512_loadu_ps(qt + c * LANES);
 #pragma GCC unroll 16
-    for (int j = 0; j < NK; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(kj[j][c]), qv, acc[j]);
+    for (int j = 0; j < NK; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(k[j * kst + c]), qv, acc[j]);
   }
   for (int j = 0; j < NK; ++j) _mm512_storeu_ps(st + j * LANES, acc[j]);
 }
@@ -475,9 +474,16 @@ SPARROW_AVX512 void block_avx512_lanes(const Problem& p, const TaskBuffers& b, c
     for (; j + 16 <= nb; j += 16) {
       const bool pf = r0 == 0 && next + j + 16 <= p.n;  // once per block, and never past the cache
       const int64_t ahead = next - k0;
-      scores_lanes<16>(p, qt, k + j * p.k_st, st + j * LANES,
-                       pf ? reinterpret_cast<const char*>(k + (ahead + j) * p.k_st) : nullptr,
-                       pf ? reinterpret_cast<const char*>(v + (ahead + j) * p.v_st) : nullptr);
+      const float* kj = k + j * p.k_st;
+      const char* kn = pf ? reinterpret_cast<const char*>(k + (ahead + j) * p.k_st) : nullptr;
+      const char* vn = pf ? reinterpret_cast<const char*>(v + (ahead + j) * p.v_st) : nullptr;
+      if (p.k_st == 64) {  // contiguous caches of the common head dims
+        scores_lanes<16, 64>(p, qt, kj, st + j * LANES, kn, vn);
+      } else if (p.k_st == 128) {
+        scores_lanes<16, 128>(p, qt, kj, st + j * LANES, kn, vn);
+      } else {
+        scores_lanes<16>(p, qt, kj, st + j * LANES, kn, vn);
+      }
     }
     for (; j + 4 <= nb; j += 4) scores_lanes<4>(p, qt, k + j * p.k_st, st + j * LANES, nullptr, nullptr);
     for (; j < nb; ++j) scores_lanes<1>(p, qt, k + j * p.k_st, st + j * LANES, nullptr, nullptr);
