@@ -194,10 +194,9 @@ def run_bench(cfg: SpeedupBenchConfig, progress: bool = True) -> list[dict]:
                     r["peak_rss_mb"] = pool.apply(_peak_rss, ((asdict(cfg), r["strategy"], n),))
                 bar.update()
             ar_row = next(r for r in timed if r["strategy"] == "ar")
+            speed, tokens = ar_row["tokens_per_s"], ar_row["tokens"]
             for r in timed:
-                r["speedup_vs_ar"] = round(r["tokens_per_s"] / ar_row["tokens_per_s"], 3)
-            tokens = ar_row["tokens"]
-            for r in timed:
+                r["speedup_vs_ar"] = round(r["tokens_per_s"] / speed, 3)
                 r["lossless"] = r.pop("tokens") == tokens
             rows.extend(timed)
     return rows

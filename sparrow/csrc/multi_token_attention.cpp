@@ -68,6 +68,8 @@ struct Problem {
 
 constexpr int64_t LANES = 16;  // rows per group of the AVX-512 rows-in-lanes path
 
+constexpr int64_t padded_rows(int64_t r) { return (r + LANES - 1) / LANES * LANES; }
+
 // From this many rows per KV head on, AVX-512 takes the rows-in-lanes path: 4 measured as the
 // crossover on a 25.6k cache (G = 2); settable so that tests and benchmarks can run either path.
 std::atomic<int64_t>& lanes_min_rows() {
@@ -87,15 +89,21 @@ struct TaskBuffers {
   float* qt;     // [RP / LANES, D, LANES]: the rows-in-lanes path's transposed queries, zero past R
 };
 
-// Scores of the tail keys a row may not see become -inf. Rows are r = g * T + t.
-void apply_tail_mask(const Problem& p, float* s, int64_t k0, int64_t nb) {
+// Scores of the tail keys a row may not see become -inf. Rows are r = g * T + t; row r's score for
+// key k0 + j sits at s[(r - r0) * s_row + j * s_key] (the row tiles: [R, BLOCK]; the lanes: [BLOCK, LANES]).
+void apply_tail_mask(const Problem& p, float* s, int64_t k0, int64_t nb, int64_t r0, int64_t r1,
+                     int64_t s_row, int64_t s_key) {
   if (k0 + nb <= p.past) return;
-  for (int64_t row = 0; row < p.r; ++row) {
+  for (int64_t row = r0; row < r1; ++row) {
     const bool* allowed = p.mask + (row % p.t) * p.t;
     for (int64_t j = std::max<int64_t>(0, p.past - k0); j < nb; ++j) {
-      if (!allowed[k0 + j - p.past]) s[row * BLOCK + j] = NEG_INF;
+      if (!allowed[k0 + j - p.past]) s[(row - r0) * s_row + j * s_key] = NEG_INF;
     }
   }
+}
+
+void apply_tail_mask(const Problem& p, float* s, int64_t k0, int64_t nb) {
+  apply_tail_mask(p, s, k0, nb, 0, p.r, BLOCK, 1);
 }
 
 // New running max of one row after a block whose largest score is `block_max`; writes the
@@ -487,11 +495,7 @@ SPARROW_AVX512 void block_avx512_lanes(const Problem& p, const TaskBuffers& b, c
     }
     for (; j + 4 <= nb; j += 4) scores_lanes<4>(p, qt, k + j * p.k_st, st + j * LANES, nullptr, nullptr);
     for (; j < nb; ++j) scores_lanes<1>(p, qt, k + j * p.k_st, st + j * LANES, nullptr, nullptr);
-    for (int64_t jt = std::max<int64_t>(0, p.past - k0); jt < nb; ++jt) {  // tail keys: the mask
-      for (int64_t row = r0; row < std::min(p.r, r0 + LANES); ++row) {
-        if (!p.mask[(row % p.t) * p.t + k0 + jt - p.past]) st[jt * LANES + row - r0] = NEG_INF;
-      }
-    }
+    apply_tail_mask(p, st, k0, nb, r0, std::min(p.r, r0 + LANES), 1, LANES);
     softmax_lanes(st, nb, b.m + r0, b.l + r0, b.alpha + r0);
     pv_avx512(p, b, r0, std::min(p.r, r0 + LANES), st, 1, LANES, v, nb, none);
   }
@@ -678,7 +682,7 @@ Isa pick_isa(int64_t d) {
 
 // One task: KV head h, keys [k0, k1) -> unnormalised output, max and sum per row.
 void run_task(const Problem& p, Isa isa, const TaskBuffers& b, int64_t h, int64_t k0, int64_t k1) {
-  const int64_t rp = (p.r + LANES - 1) / LANES * LANES;
+  const int64_t rp = padded_rows(p.r);
   std::fill(b.o, b.o + p.r * p.d, 0.0f);
   std::fill(b.m, b.m + rp, NEG_INF);
   std::fill(b.l, b.l + rp, 0.0f);
@@ -786,7 +790,7 @@ at::Tensor sparrow_cpu::multi_token_attention(const at::Tensor& q_in, const at::
   const int64_t chunks = std::max<int64_t>(1, std::min(want, n / MIN_CHUNK));
   const int64_t chunk_blocks = (blocks + chunks - 1) / chunks;
   const int64_t tasks = hkv * chunks;
-  const int64_t rp = (r + LANES - 1) / LANES * LANES;
+  const int64_t rp = padded_rows(r);
   const int64_t s_size = std::max(r, LANES) * BLOCK;
   const int64_t per_task = r * d + 3 * rp + s_size + d * BLOCK + rp * d;
   at::Tensor scratch = at::empty({tasks, per_task}, q_in.options());
