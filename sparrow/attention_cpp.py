@@ -113,7 +113,7 @@ def isa(which: str = "") -> str:
     """The kernel the op runs for head dims that are multiples of 16: "avx512", "avx2" or "portable".
 
     `which` = "portable" or "avx2" forces that kernel (raises where the CPU lacks it), "auto" restores
-    the choice by CPU flags.
+    the choice by CPU flags. `sparrow::small_linear` follows the same setting.
     """
     load()
     return torch.ops.sparrow.multi_token_attention_isa(which)

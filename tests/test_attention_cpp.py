@@ -118,10 +118,10 @@ def test_backend_env_rejects_unknown(monkeypatch):
         attention.cpu_backend(torch.zeros(1, 4, 6, 64))
 
 
-@pytest.mark.parametrize("k", [256, 768, 20])  # 20: not a multiple of 8 (the portable loop)
-@pytest.mark.parametrize("n", [256, 62, 3])  # 62, 3: column tails past the 4-column tiles
+@pytest.mark.parametrize("k", [256, 768, 24, 20])  # 24: AVX2 but not AVX-512 chunks, 20: neither (portable)
+@pytest.mark.parametrize("n", [256, 62, 3])  # 62, 3: column tails past the tiles
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_linear_matches_linear(k, n, bias):
+def test_small_linear_matches_linear(isa, k, n, bias):
     attention_cpp.load()
     g = torch.Generator().manual_seed(k + n + bias)
     w = torch.randn(n, k, generator=g)
@@ -129,9 +129,10 @@ def test_small_linear_matches_linear(k, n, bias):
     x = torch.randn(3, 16, k, generator=g)[:, ::3]  # [3, 6, K], rows not contiguous
     y = torch.ops.sparrow.small_linear(x, w, b)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
-    for m in range(1, 8):  # a row's result does not depend on how many rows share the call
-        rows = x.reshape(-1, k)[:m]
-        assert torch.equal(torch.ops.sparrow.small_linear(rows, w, b)[0], torch.ops.sparrow.small_linear(rows[:1], w, b)[0])
+    rows = x.reshape(-1, k)  # [18, K]
+    alone = torch.cat([torch.ops.sparrow.small_linear(rows[i:i + 1], w, b) for i in range(rows.shape[0])])
+    for m in range(1, 10):  # a row's result does not depend on how many rows share the call
+        assert torch.equal(torch.ops.sparrow.small_linear(rows[:m], w, b), alone[:m]), m
 
 
 def test_small_linear_rejects_bad_inputs():

@@ -6,6 +6,9 @@
 // small-M products at a third of that speed here (a 256x768 layer: 121 us at M = 6, 42 us at M = 1).
 // Every output element is the same loop whatever M is, so a row's result does not depend on how many
 // rows share the call (a verify and a decode of the same token give the same bits).
+//
+// Three implementations, picked at run time like the attention op's (and by the same override):
+// AVX-512 tiles of 16 dot products (K % 16 == 0), AVX2 tiles of 8 (K % 8 == 0), portable loops.
 
 #include "linear.h"
 
@@ -19,6 +22,21 @@
 #endif
 
 namespace sparrow_cpu {
+
+std::atomic<int>& isa_override() {
+  static std::atomic<int> value{-1};
+  return value;
+}
+
+bool cpu_has_avx512() {
+#ifdef SPARROW_AVX512
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 constexpr int64_t GRAIN = 128;  // output columns per task: a 256-wide layer stays on one thread
@@ -81,6 +99,66 @@ bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+SPARROW_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SPARROW_AVX512 inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Lane 4 * m + e of the result is the sum of the 16 lanes of a[4 * e + m]. Every a[i] goes through the
+// same tree of adds whatever the other fifteen hold, so a dot product's bits do not depend on its tile.
+[[gnu::always_inline]] SPARROW_AVX512 inline __m512 transpose_reduce16(const __m512* a) {
+  __m512 s[8], r[4], w[2];
+  for (int i = 0; i < 8; ++i)  // quarters 0-1 of s[i]: a[2i] folded to 8 lanes, 2-3: a[2i + 1]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int j = 0; j < 4; ++j)  // quarter m of r[j]: a[4j + m] folded to 4 lanes
+    r[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 2; ++k)  // quarter m of w[k]: a[8k + m] and a[8k + 4 + m], two lanes each
+    w[k] = _mm512_add_ps(_mm512_shuffle_ps(r[2 * k], r[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(r[2 * k], r[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// 16 dot products: weight rows [c, c + 16 / NM) x input rows [i, i + NM), accumulated over K in
+// 16-lane chunks (NM input loads and 16 / NM weight loads per 16 FMAs), one transpose-reduce.
+template <int NM, typename W>
+[[gnu::always_inline]] SPARROW_AVX512 inline void tile16(const W* w, const float* x, int64_t x_stride, int64_t k, int64_t n,
+                                         float* y, int64_t c, int64_t i) {
+  constexpr int NW = 16 / NM;
+  __m512 acc[16];  // acc[r * NM + s]: weight row c + r, input row i + s
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 16) {
+    __m512 xv[NM];
+    for (int s = 0; s < NM; ++s) xv[s] = _mm512_loadu_ps(x + (i + s) * x_stride + j);
+    for (int r = 0; r < NW; ++r) {
+      const __m512 wr = load16(w + (c + r) * k + j);
+      for (int s = 0; s < NM; ++s) acc[r * NM + s] = _mm512_fmadd_ps(wr, xv[s], acc[r * NM + s]);
+    }
+  }
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, transpose_reduce16(acc));
+  for (int a = 0; a < 16; ++a) y[(i + a % NM) * n + c + a / NM] = sums[a % 4 * 4 + a / 4];
+}
+
+// Columns [c0, c1) in blocks of 16 (the block's weight rows stay in L1 across the row groups), input
+// rows in groups of 4, then 2, then 1; columns past the last block go to the portable loop.
+template <typename W>
+SPARROW_AVX512 void product_rows_avx512(const W* w, const float* x, int64_t m, int64_t x_stride, int64_t k,
+                                               int64_t n, float* y, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 16 <= c1; c += 16) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4)
+      for (int64_t t = 0; t < 16; t += 4) tile16<4>(w, x, x_stride, k, n, y, c + t, i);
+    for (; i + 2 <= m; i += 2)
+      for (int64_t t = 0; t < 16; t += 8) tile16<2>(w, x, x_stride, k, n, y, c + t, i);
+    for (; i < m; ++i) tile16<1>(w, x, x_stride, k, n, y, c, i);
+  }
+  if (c < c1) product_rows(w, x, m, x_stride, k, n, y, c, c1);
+}
 #endif
 
 at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -112,8 +190,14 @@ namespace {
 template <typename W>
 void product(const W* wp, const float* x, int64_t m, int64_t x_stride, int64_t k, int64_t n, float* y) {
 #ifdef SPARROW_AVX2
-  static const bool avx2 = has_avx2();
-  if (avx2 && k % 8 == 0) {
+  static const bool avx512 = cpu_has_avx512(), avx2 = has_avx2();
+  const int forced = isa_override().load();
+  if (avx512 && k % 16 == 0 && forced == -1) {  // -1: no override, the CPU's best
+    at::parallel_for(0, n, GRAIN,
+                     [&](int64_t c0, int64_t c1) { product_rows_avx512(wp, x, m, x_stride, k, n, y, c0, c1); });
+    return;
+  }
+  if (avx2 && k % 8 == 0 && forced != static_cast<int>(Isa::Portable)) {
     at::parallel_for(0, n, GRAIN,
                      [&](int64_t c0, int64_t c1) { product_rows_avx2(wp, x, m, x_stride, k, n, y, c0, c1); });
     return;

@@ -7,9 +7,18 @@
 #include <immintrin.h>
 #define SPARROW_AVX2 __attribute__((target("avx2,fma")))
 #define SPARROW_F16C __attribute__((target("avx2,fma,f16c")))
+#define SPARROW_AVX512 __attribute__((target("avx512f,avx512dq")))
 #endif
 
+#include <atomic>
+
 namespace sparrow_cpu {
+
+// The instruction set the ops run; isa_override() holds a forced one as an int (-1: the CPU's best),
+// set through torch.ops.sparrow.multi_token_attention_isa (the tests run every path on one machine).
+enum class Isa : int { Portable = 0, Avx512 = 1, Avx2 = 2 };
+std::atomic<int>& isa_override();
+bool cpu_has_avx512();  // avx512f + avx512dq, what the AVX-512 paths use
 
 #ifdef SPARROW_AVX2
 // Lane i of the result is the sum of the 8 lanes of a[i].

@@ -43,7 +43,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SPARROW_X86 1
-#define SPARROW_AVX512 __attribute__((target("avx512f,avx512dq")))
 #else
 #define SPARROW_X86 0
 #endif
@@ -647,30 +646,21 @@ SPARROW_AVX2 void block_avx2(const Problem& p, const TaskBuffers& b, const float
   pf.finish();
 }
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-}
-
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 #else
-bool cpu_has_avx512() { return false; }
 bool cpu_has_avx2() { return false; }
 #endif
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch, tasks and merge.
 
-enum class Isa : int { Portable = 0, Avx512 = 1, Avx2 = 2 };
-
-std::atomic<int>& isa_override() {  // -1: pick by CPU
-  static std::atomic<int> value{-1};
-  return value;
-}
+using sparrow_cpu::cpu_has_avx512;
+using sparrow_cpu::Isa;
+using sparrow_cpu::isa_override;
 
 Isa pick_isa(int64_t d) {
   const int forced = isa_override().load();
@@ -719,7 +709,7 @@ void run_task(const Problem& p, Isa isa, const TaskBuffers& b, int64_t h, int64_
 }
 
 // "auto" (the best the CPU has), "portable", "avx2" or "avx512" (only where the CPU has it): returns the
-// ISA the op uses for head dims that are a multiple of 16.
+// ISA the op uses for head dims that are a multiple of 16. The small-M linears follow the same setting.
 std::string attention_isa(const std::string& which) {
   if (which == "portable") {
     isa_override().store(static_cast<int>(Isa::Portable));
