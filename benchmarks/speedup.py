@@ -103,8 +103,7 @@ def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
     def decoder(strategy):
         if strategy.startswith("hf"):
             def hf(frames, prompt, n):
-                toks, decode_s = _hf_generate(plain, frames, prompt, n, min(n, cfg.min_new_tokens),
-                                              strategy == "hf_lookup")
+                toks, decode_s = _hf_generate(plain, frames, prompt, n, cfg.min_new_tokens, strategy == "hf_lookup")
                 return toks, {"new_tokens": len(toks), "decode_s": decode_s}
             return hf
         if strategy == "ar":

@@ -37,6 +37,23 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx2() {
+#ifdef SPARROW_AVX2
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+Isa pick_isa(int64_t width) {
+  const int forced = isa_override().load();
+  if (forced == static_cast<int>(Isa::Portable)) return Isa::Portable;
+  static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2();
+  if (avx512 && width % 16 == 0 && forced != static_cast<int>(Isa::Avx2)) return Isa::Avx512;
+  return avx2 && width % 8 == 0 ? Isa::Avx2 : Isa::Portable;
+}
+
 namespace {
 
 constexpr int64_t GRAIN = 128;  // output columns per task: a 256-wide layer stays on one thread
@@ -95,9 +112,9 @@ SPARROW_F16C void product_rows_avx2(const W* w, const float* x, int64_t m, int64
   if (c < c1) product_rows(w, x, m, x_stride, k, n, y, c, c1);
 }
 
-bool has_avx2() {
+bool has_f16c() {  // the AVX2 tiles read float16 weights with it
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("f16c");
 }
 
 SPARROW_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -125,8 +142,8 @@ SPARROW_AVX512 inline __m512 load16(const at::Half* p) {
 // 16 dot products: weight rows [c, c + 16 / NM) x input rows [i, i + NM), accumulated over K in
 // 16-lane chunks (NM input loads and 16 / NM weight loads per 16 FMAs), one transpose-reduce.
 template <int NM, typename W>
-[[gnu::always_inline]] SPARROW_AVX512 inline void tile16(const W* w, const float* x, int64_t x_stride, int64_t k, int64_t n,
-                                         float* y, int64_t c, int64_t i) {
+[[gnu::always_inline]] SPARROW_AVX512 inline void tile16(const W* w, const float* x, int64_t x_stride, int64_t k,
+                                                         int64_t n, float* y, int64_t c, int64_t i) {
   constexpr int NW = 16 / NM;
   __m512 acc[16];  // acc[r * NM + s]: weight row c + r, input row i + s
   for (auto& a : acc) a = _mm512_setzero_ps();
@@ -147,7 +164,7 @@ template <int NM, typename W>
 // rows in groups of 4, then 2, then 1; columns past the last block go to the portable loop.
 template <typename W>
 SPARROW_AVX512 void product_rows_avx512(const W* w, const float* x, int64_t m, int64_t x_stride, int64_t k,
-                                               int64_t n, float* y, int64_t c0, int64_t c1) {
+                                        int64_t n, float* y, int64_t c0, int64_t c1) {
   int64_t c = c0;
   for (; c + 16 <= c1; c += 16) {
     int64_t i = 0;
@@ -190,14 +207,14 @@ namespace {
 template <typename W>
 void product(const W* wp, const float* x, int64_t m, int64_t x_stride, int64_t k, int64_t n, float* y) {
 #ifdef SPARROW_AVX2
-  static const bool avx512 = cpu_has_avx512(), avx2 = has_avx2();
-  const int forced = isa_override().load();
-  if (avx512 && k % 16 == 0 && forced == -1) {  // -1: no override, the CPU's best
+  static const bool f16c = has_f16c();
+  const Isa isa = pick_isa(k);
+  if (isa == Isa::Avx512) {
     at::parallel_for(0, n, GRAIN,
                      [&](int64_t c0, int64_t c1) { product_rows_avx512(wp, x, m, x_stride, k, n, y, c0, c1); });
     return;
   }
-  if (avx2 && k % 8 == 0 && forced != static_cast<int>(Isa::Portable)) {
+  if (isa == Isa::Avx2 && f16c) {
     at::parallel_for(0, n, GRAIN,
                      [&](int64_t c0, int64_t c1) { product_rows_avx2(wp, x, m, x_stride, k, n, y, c0, c1); });
     return;

@@ -19,6 +19,10 @@ namespace sparrow_cpu {
 enum class Isa : int { Portable = 0, Avx512 = 1, Avx2 = 2 };
 std::atomic<int>& isa_override();
 bool cpu_has_avx512();  // avx512f + avx512dq, what the AVX-512 paths use
+bool cpu_has_avx2();    // avx2 + fma
+// The kernel for vectors of `width` floats (a head dim, a linear's K): AVX-512 needs width % 16 == 0,
+// AVX2 width % 8 == 0, each where the CPU has it and the override allows it.
+Isa pick_isa(int64_t width);
 
 #ifdef SPARROW_AVX2
 // Lane i of the result is the sum of the 8 lanes of a[i].

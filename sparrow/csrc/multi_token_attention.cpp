@@ -646,29 +646,16 @@ SPARROW_AVX2 void block_avx2(const Problem& p, const TaskBuffers& b, const float
   pf.finish();
 }
 
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-#else
-bool cpu_has_avx2() { return false; }
 #endif
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch, tasks and merge.
 
+using sparrow_cpu::cpu_has_avx2;
 using sparrow_cpu::cpu_has_avx512;
 using sparrow_cpu::Isa;
 using sparrow_cpu::isa_override;
-
-Isa pick_isa(int64_t d) {
-  const int forced = isa_override().load();
-  if (forced == static_cast<int>(Isa::Portable)) return Isa::Portable;
-  static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2();
-  if (avx512 && d % 16 == 0 && forced != static_cast<int>(Isa::Avx2)) return Isa::Avx512;
-  return avx2 && d % 8 == 0 ? Isa::Avx2 : Isa::Portable;
-}
+using sparrow_cpu::pick_isa;
 
 // One task: KV head h, keys [k0, k1) -> unnormalised output, max and sum per row.
 void run_task(const Problem& p, Isa isa, const TaskBuffers& b, int64_t h, int64_t k0, int64_t k1) {
