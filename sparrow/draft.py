@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -253,6 +254,23 @@ class Draft(nn.Module):
         h = self.layer(token.view(1, 1), feat, torch.tensor([[position]]), attend_and_keep)  # [1, 1, H]
         return h, kept[0], self.logits(h[:, 0])[0]
 
+    def chain(self, token: int, feat: torch.Tensor, first_pos: int, ctx, k: int, hold_eos: int = 0,
+              eos: Collection[int] = ()) -> torch.Tensor | None:
+        """A greedy chain of k draft tokens after `token` (feature `[1, 1, H]`, at rotary position
+        `first_pos`) in one fused C++ call (`sparrow::draft_chain`), end-of-turn excluded from the first
+        `hold_eos` of them: what `step` then argmax k times gives, token for token. Returns tokens `[k]`,
+        or None where the step runs in torch (the caller then steps in Python)."""
+        if step_backend(self.fuse.weight) != "cpp":
+            return None
+        from .attention_cpp import load
+
+        load()
+        k_ctx, v_ctx = ctx.context_kv(first_pos, None, free=k)  # [Hkv, n + k, D] each
+        weights, final_eps = self._step_args()
+        return torch.ops.sparrow.draft_chain(
+            feat.reshape(-1), int(token), k, first_pos, k_ctx, v_ctx, self.embed, _inv_freq(self.cfg.head_dim,
+            self.cfg.rope_theta), weights, self.cfg.rms_norm_eps, final_eps, hold_eos, sorted(eos))
+
     def _step_args(self) -> tuple[list[torch.Tensor], float]:
         """The fused ops' weights, in `csrc/draft_step.cpp`'s order, and the final norm's epsilon. Each
         matrix is a float16 copy where that holds its values exactly (a draft loaded from its float16 file):
@@ -407,22 +425,22 @@ class WindowContext:
 
         return fn
 
-    def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None, free: int = 1):
         """What one draft token of the round at `first_pos` attends besides itself, as keys/values
-        `[Hkv, n + 1, D]` (views of the context buffer): the glimpses, the valid window slots, `prior`
-        (its ancestors, written into the scratch) and one free position the fused step writes its own
-        key/value into."""
+        `[Hkv, n + free, D]` (views of the context buffer): the glimpses, the valid window slots, `prior`
+        (its ancestors, written into the scratch) and `free` positions the fused ops write the new tokens'
+        keys/values into (one for a step, K for a chain)."""
         self._rotate_glimpses(first_pos)
         n = self.g + min(self._count, self.draft.cfg.window)
         a = 0 if prior is None else prior[0].shape[2]
-        if n + a + 1 > self.k_ctx.shape[1]:  # a deeper tree than the buffer has room for
-            grow = n + a + 1 + self.SPARE - self.k_ctx.shape[1]
+        if n + a + free > self.k_ctx.shape[1]:  # a deeper tree than the buffer has room for
+            grow = n + a + free + self.SPARE - self.k_ctx.shape[1]
             self.k_ctx = F.pad(self.k_ctx, (0, 0, 0, grow))
             self.v_ctx = F.pad(self.v_ctx, (0, 0, 0, grow))
         if a:
             self.k_ctx[:, n:n + a] = prior[0][0]
             self.v_ctx[:, n:n + a] = prior[1][0]
-        return self.k_ctx[:, :n + a + 1], self.v_ctx[:, :n + a + 1]
+        return self.k_ctx[:, :n + a + free], self.v_ctx[:, :n + a + free]
 
     def _rotate_glimpses(self, first_pos: int) -> None:
         """Glimpse keys rotated at `first_pos - 1`, just before the round's draft tokens: they summarise the
@@ -471,13 +489,13 @@ class PrefixContext:
 
         return fn
 
-    def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """As `WindowContext.context_kv`: the prefix, `prior` and the free position, written in the
-        scratch past the prefix, `[Hkv, n + 1, D]`."""
+    def context_kv(self, first_pos: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None, free: int = 1):
+        """As `WindowContext.context_kv`: the prefix, `prior` and the free positions, written in the
+        scratch past the prefix, `[Hkv, n + free, D]`."""
         n = self.length + (prior[0].shape[2] if prior is not None else 0)
-        if n + 1 > self.k.shape[1]:
-            raise ValueError(f"draft prefix cache full: {n + 1} > {self.k.shape[1]}")
+        if n + free > self.k.shape[1]:
+            raise ValueError(f"draft prefix cache full: {n + free} > {self.k.shape[1]}")
         if prior is not None:
             self.k[:, self.length:n] = prior[0][0]
             self.v[:, self.length:n] = prior[1][0]
-        return self.k[:, :n + 1], self.v[:, :n + 1]
+        return self.k[:, :n + free], self.v[:, :n + free]

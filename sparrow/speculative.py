@@ -140,9 +140,14 @@ def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.T
     The root's children are output token number `first_index`: where that number is below
     `min_new_tokens` the target holds end-of-turn back, so the draft must not propose it (a drafted
     end-of-turn there is a certain rejection, and the rest of its branch with it)."""
-    depths = tree.depths().tolist()
     tokens = torch.zeros(tree.size, dtype=torch.long)  # [N]
     tokens[0] = root
+    if tree.is_chain and temperature == 0:
+        chain = draft.chain(root, root_feat, root_pos, ctx, tree.size - 1, min_new_tokens - first_index, eos)
+        if chain is not None:
+            tokens[1:] = chain
+            return tokens, None
+    depths = tree.depths().tolist()
     feats = {0: root_feat.reshape(1, 1, -1)}  # node -> its input feature [1, 1, H]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # node -> its keys, values [1, Hkv, 1, D]
     probs = torch.zeros(tree.size, draft.cfg.vocab_size) if temperature > 0 else None

@@ -285,6 +285,8 @@ def test_draft_never_proposes_a_held_back_end_of_turn(tiny, trained, monkeypatch
         return h, kv, logits
 
     monkeypatch.setattr(draft, "step", eos_first)
+    monkeypatch.setattr(draft, "chain", lambda *a, **k: None)  # chains step in Python too; the fused chain's
+    # hold is tested on the op (test_fused_draft_chain_equals_steps)
     p = runtime.prepare(_frames(33), PROMPT)
     state, out = runtime.prefill(p, layers=draft.cfg.target_layers)
     ctx, feats = new_context(draft, out.hidden, p.visual_mask, 512)
@@ -490,6 +492,57 @@ def test_fused_ops_read_float16_weights_exactly(tiny, trained):
             assert torch.equal(a, b)
         rounded.q.weight.mul_(2)
     assert torch.equal(rounded._step_args()[0][2].float(), rounded.q.weight)
+
+
+def test_fused_draft_chain_equals_steps():
+    """`sparrow::draft_chain` against K calls of `sparrow::draft_step` with the argmax between them in Python,
+    on random weights and contexts: the same tokens, and the same keys/values left in the context; with
+    end-of-turn ids held back for the first steps, where they would otherwise win."""
+    from sparrow import attention_cpp
+
+    if not attention_cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    h, d, hkv, vocab = 32, 8, 2, 12
+    g = torch.Generator().manual_seed(4)
+    shapes = ((h, 2 * h), (h,), (2 * d * hkv, h), (hkv * d, h), (hkv * d, h), (h, 2 * d * hkv), (h,), (48, h),
+              (48, h), (h, 48), (h,), (vocab, h))
+    weights = [1 + 0.1 * torch.randn(s, generator=g) if len(s) == 1 else torch.randn(s, generator=g) / s[1] ** 0.5
+               for s in shapes]
+    embed, inv = torch.randn(vocab, h, generator=g), 1.0 / 1e4 ** (torch.arange(0, d, 2).float() / d)
+
+    def by_steps(feat, token, k, pos, ctx_k, ctx_v, hold, eos):
+        n, out = ctx_k.shape[1] - k, []
+        for i in range(k):
+            x_in = torch.cat([embed[token], feat])
+            feat, kk, vv, logits = torch.ops.sparrow.draft_step(x_in, inv, pos + i, ctx_k[:, :n + i + 1],
+                                                                ctx_v[:, :n + i + 1], weights, 1e-6, 1e-5)
+            if i < hold:
+                logits[list(eos)] = float("-inf")
+            token = int(logits.argmax())
+            out.append(token)
+        return out
+
+    for n, k in ((0, 1), (5, 4), (40, 7)):
+        feat = torch.randn(h, generator=g)
+        ctx = [torch.randn(hkv, n + k, d, generator=g) for _ in range(2)]
+        free = torch.tensor(sorted({int(t) for t in torch.randint(vocab, (2,), generator=g)}))
+        for hold, eos in ((0, []), (0, free.tolist()), (k, free.tolist())):
+            if hold:  # hold back what the free chain picked first, so the hold changes the outcome
+                eos = sorted(set(eos) | {int(free_chain[0])})
+            fused = [c.clone() for c in ctx]
+            got = torch.ops.sparrow.draft_chain(feat, 3, k, 100 + n, *fused, embed, inv, weights, 1e-6, 1e-5, hold, eos)
+            stepped = [c.clone() for c in ctx]
+            assert got.dtype == torch.long and got.tolist() == by_steps(feat, 3, k, 100 + n, *stepped, hold, eos)
+            assert torch.equal(fused[0], stepped[0]) and torch.equal(fused[1], stepped[1])
+            assert not set(got.tolist()[:hold]) & set(eos)
+            if not hold:
+                free_chain = got
+    with pytest.raises(RuntimeError, match="fewer than the 3 free ones"):
+        torch.ops.sparrow.draft_chain(feat, 3, 3, 0, ctx[0][:, :2], ctx[1][:, :2], embed, inv, weights, 1e-6, 1e-6, 0, [])
+    with pytest.raises(RuntimeError, match="token 12 outside the vocabulary"):
+        torch.ops.sparrow.draft_chain(feat, 12, 1, 0, *ctx, embed, inv, weights, 1e-6, 1e-6, 0, [])
+    with pytest.raises(RuntimeError, match="embed must be"):
+        torch.ops.sparrow.draft_chain(feat, 1, 1, 0, *ctx, embed[:, :3], inv, weights, 1e-6, 1e-6, 0, [])
 
 
 def test_fused_draft_step_names_bad_input():
