@@ -5,8 +5,9 @@ greedy) with every strategy, interleaved video by video with the order rotating:
 machines are shared and drift by tens of percent within minutes, which strategies timed minutes apart
 in separate processes took as differences of their own. Each strategy's peak RSS comes from a fresh
 process of its own over the first video. Decode throughput excludes prefill (reported separately, as
-the paper does). `lossless` compares each strategy's tokens with `ar`'s.
-Rows: visual_tokens, strategy, tokens_per_s, speedup_vs_ar, mean_accepted_length, draft_ms_per_step,
+the paper does). `lossless` compares each strategy's tokens with `ar`'s. Several draft lengths
+(`draft_len=(5, 6, 7)`) time each speculative strategy once per K, side by side in the same process.
+Rows: visual_tokens, strategy, draft_len (K; None for ar and hf), tokens_per_s, speedup_vs_ar, mean_accepted_length, draft_ms_per_step,
 verify_ms_per_step, peak_rss_mb, lossless, prefill_s, new_tokens, videos.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from .runtime import write_rows
 
 STRATEGIES = ("ar", "eagle", "sparrow", "hf", "hf_lookup")
+SPECULATIVE = ("eagle", "sparrow")
 BENCH_SEED = 3  # held-out videos: evaluation seed range, never used to train the target or the drafts
 
 
@@ -32,7 +34,7 @@ class SpeedupBenchConfig:
     # Fixed-length decoding (transformers' min_new_tokens = max_new_tokens), as throughput benchmarks
     # do: every strategy decodes the same number of tokens at every size. 0: stop at end-of-turn.
     min_new_tokens: int | None = None
-    draft_len: int = 5
+    draft_len: tuple[int, ...] = (5,)  # K; several: each speculative strategy once per K
     tree_width: int = 1
     model: str | None = None
     sparrow_draft: str | None = None
@@ -42,17 +44,22 @@ class SpeedupBenchConfig:
 
     def __post_init__(self):
         self.visual_tokens, self.strategies = tuple(self.visual_tokens), tuple(self.strategies)
+        self.draft_len = (self.draft_len,) if isinstance(self.draft_len, int) else tuple(self.draft_len)
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"unknown strategies {bad}; choose from {STRATEGIES}")
         if "ar" not in self.strategies:
             raise ValueError("speedups are measured against ar: include it")
-        if self.videos < 1 or self.max_new_tokens < 2 or self.draft_len < 1:
-            raise ValueError("videos >= 1, max_new_tokens >= 2 and draft_len >= 1 are required")
+        if self.videos < 1 or self.max_new_tokens < 2 or not self.draft_len or min(self.draft_len) < 1:
+            raise ValueError("videos >= 1, max_new_tokens >= 2 and draft lengths >= 1 are required")
         if self.min_new_tokens is None:
             self.min_new_tokens = self.max_new_tokens
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must lie in [0, {self.max_new_tokens}]")
+
+    def entries(self) -> list[tuple[str, int | None]]:
+        """What is timed: (strategy, K), the speculative strategies once per draft length."""
+        return [(s, k) for s in self.strategies for k in (self.draft_len if s in SPECULATIVE else (None,))]
 
 
 def bench_videos(n_visual: int, count: int) -> list:
@@ -83,8 +90,8 @@ def _hf_generate(target, frames, prompt, max_new_tokens: int, min_new_tokens: in
     return out[0, p.input_ids.shape[1]:].tolist(), max(times[1] - times[0], 1e-9)
 
 
-def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
-    """The loaded target, and strategy -> decode(frames, prompt, max_new_tokens) -> (token ids, stats
+def _decoders(cfg: SpeedupBenchConfig, entries: list[tuple[str, int | None]], videos):
+    """The loaded target, and (strategy, K) -> decode(frames, prompt, max_new_tokens) -> (token ids, stats
     with new_tokens and decode_s), all on that target (and one runtime) in this process."""
     from sparrow.demo.model import DEMO_DRAFTS, DEMO_TARGET_DIR
     from sparrow.draft import Draft
@@ -95,12 +102,14 @@ def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
 
     target = Target.load(cfg.model or DEMO_TARGET_DIR)
     # transformers' generate on a copy of its own: the runtime switches its model's attention to its own
-    plain = Target.load(cfg.model or DEMO_TARGET_DIR) if any(s.startswith("hf") for s in strategies) else None
-    tree = TokenTree.static(cfg.draft_len, cfg.tree_width)
+    plain = Target.load(cfg.model or DEMO_TARGET_DIR) if any(s.startswith("hf") for s, _ in entries) else None
     longest = max(target.prepare(f, p).input_ids.shape[1] for f, p in videos)
-    runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + tree.size + 1, prefill_chunk=cfg.prefill_chunk)
+    largest = TokenTree.static(max(cfg.draft_len), cfg.tree_width)
+    runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + largest.size + 1, prefill_chunk=cfg.prefill_chunk)
+    drafts = {s: Draft.load(getattr(cfg, f"{s}_draft") or DEMO_DRAFTS[s], target.model)
+              for s in dict.fromkeys(s for s, k in entries if k is not None)}
 
-    def decoder(strategy):
+    def decoder(strategy, k):
         if strategy.startswith("hf"):
             def hf(frames, prompt, n):
                 toks, decode_s = _hf_generate(plain, frames, prompt, n, cfg.min_new_tokens, strategy == "hf_lookup")
@@ -111,14 +120,14 @@ def _decoders(cfg: SpeedupBenchConfig, strategies, videos):
                 res = generate_ar(runtime, frames, prompt, n, min_new_tokens=min(n, cfg.min_new_tokens))
                 return res.token_ids, res.stats
             return ar
-        draft = Draft.load(getattr(cfg, f"{strategy}_draft") or DEMO_DRAFTS[strategy], target.model)
+        draft, tree = drafts[strategy], TokenTree.static(k, cfg.tree_width)
 
         def speculative(frames, prompt, n):
             res = generate_speculative(runtime, draft, frames, prompt, tree, n, min_new_tokens=min(n, cfg.min_new_tokens))
             return res.token_ids, res.stats
         return speculative
 
-    return target, {s: decoder(s) for s in strategies}
+    return target, {e: decoder(*e) for e in entries}
 
 
 def _time_size(args) -> list[dict]:
@@ -130,24 +139,25 @@ def _time_size(args) -> list[dict]:
     cfg = SpeedupBenchConfig(**cfg_json)
     torch.set_num_threads(cfg.threads)
     videos = bench_videos(n_visual, cfg.videos)
-    target, decode = _decoders(cfg, cfg.strategies, videos)
+    entries = cfg.entries()
+    target, decode = _decoders(cfg, entries, videos)
     for fn in decode.values():  # untimed warm-up: first-use costs (op builds, allocator, caches) stay out
         fn(*videos[0], 4)
-    runs = {s: [] for s in cfg.strategies}
+    runs = {e: [] for e in entries}
     for i, (frames, prompt) in enumerate(videos):
-        k = i % len(cfg.strategies)
-        for s in cfg.strategies[k:] + cfg.strategies[:k]:
-            runs[s].append(decode[s](frames, prompt, cfg.max_new_tokens))
-    rows = [_row(n_visual, s, runs[s]) for s in cfg.strategies]
+        j = i % len(entries)
+        for e in entries[j:] + entries[:j]:
+            runs[e].append(decode[e](frames, prompt, cfg.max_new_tokens))
+    rows = [_row(n_visual, s, k, runs[(s, k)]) for s, k in entries]
     for r in rows:
         r["sample_text"] = target.tokenizer.decode(r["tokens"][0], skip_special_tokens=True)
     return rows
 
 
-def _row(n_visual: int, strategy: str, runs: list[tuple[list[int], dict]]) -> dict:
+def _row(n_visual: int, strategy: str, k: int | None, runs: list[tuple[list[int], dict]]) -> dict:
     stats = [st for _, st in runs]
     new = sum(st["new_tokens"] for st in stats)
-    row = {"visual_tokens": n_visual, "strategy": strategy,
+    row = {"visual_tokens": n_visual, "strategy": strategy, "draft_len": k,
            "tokens_per_s": round(new / sum(st["decode_s"] for st in stats), 2),
            "new_tokens": new, "videos": len(runs), "tokens": [toks for toks, _ in runs],
            "mean_accepted_length": None, "draft_ms_per_step": None, "verify_ms_per_step": None, "prefill_s": None}
@@ -163,7 +173,7 @@ def _row(n_visual: int, strategy: str, runs: list[tuple[list[int], dict]]) -> di
 
 def _peak_rss(args) -> float:
     """One strategy alone in a fresh process, over the first video: its own peak RSS in MB."""
-    cfg_json, strategy, n_visual = args
+    cfg_json, strategy, k, n_visual = args
     import torch
 
     from sparrow.runtime import peak_rss_mb
@@ -171,7 +181,7 @@ def _peak_rss(args) -> float:
     cfg = SpeedupBenchConfig(**cfg_json)
     torch.set_num_threads(cfg.threads)
     videos = bench_videos(n_visual, 1)
-    _decoders(cfg, (strategy,), videos)[1][strategy](*videos[0], cfg.max_new_tokens)
+    _decoders(cfg, [(strategy, k)], videos)[1][(strategy, k)](*videos[0], cfg.max_new_tokens)
     return round(peak_rss_mb(), 1)
 
 
@@ -182,7 +192,7 @@ def run_bench(cfg: SpeedupBenchConfig, progress: bool = True) -> list[dict]:
 
     ctx = mp.get_context("spawn")
     rows = []
-    with tqdm(total=len(cfg.visual_tokens) * (1 + len(cfg.strategies)), desc="bench speedup",
+    with tqdm(total=len(cfg.visual_tokens) * (1 + len(cfg.entries())), desc="bench speedup",
               disable=not progress) as bar:
         for n in cfg.visual_tokens:
             with ctx.Pool(1) as pool:
@@ -190,7 +200,7 @@ def run_bench(cfg: SpeedupBenchConfig, progress: bool = True) -> list[dict]:
             bar.update()
             for r in timed:
                 with ctx.Pool(1) as pool:
-                    r["peak_rss_mb"] = pool.apply(_peak_rss, ((asdict(cfg), r["strategy"], n),))
+                    r["peak_rss_mb"] = pool.apply(_peak_rss, ((asdict(cfg), r["strategy"], r["draft_len"], n),))
                 bar.update()
             ar_row = next(r for r in timed if r["strategy"] == "ar")
             speed, tokens = ar_row["tokens_per_s"], ar_row["tokens"]
@@ -202,10 +212,10 @@ def run_bench(cfg: SpeedupBenchConfig, progress: bool = True) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| visual tokens | strategy | tokens/s | speedup vs ar | mean accepted length | draft ms/step | "
-             "verify ms/step | prefill s | peak RSS MB | lossless |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| visual tokens | strategy | K | tokens/s | speedup vs ar | mean accepted length | draft ms/step | "
+             "verify ms/step | prefill s | peak RSS MB | lossless |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r["visual_tokens"], r["strategy"], r["tokens_per_s"], f"{r['speedup_vs_ar']:.2f}x",
+        cells = [r["visual_tokens"], r["strategy"], r["draft_len"], r["tokens_per_s"], f"{r['speedup_vs_ar']:.2f}x",
                  r["mean_accepted_length"], r["draft_ms_per_step"], r["verify_ms_per_step"], r["prefill_s"],
                  r["peak_rss_mb"], "yes" if r["lossless"] else "NO"]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
@@ -219,9 +229,10 @@ def plot(rows: list[dict], out: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s in dict.fromkeys(r["strategy"] for r in rows):
-        pts = [(r["visual_tokens"], r["speedup_vs_ar"]) for r in rows if r["strategy"] == s]
-        ax.plot(*zip(*pts), marker="o", label=s)
+    several = len({r["draft_len"] for r in rows if r["draft_len"] is not None}) > 1
+    for s, k in dict.fromkeys((r["strategy"], r["draft_len"]) for r in rows):
+        pts = [(r["visual_tokens"], r["speedup_vs_ar"]) for r in rows if (r["strategy"], r["draft_len"]) == (s, k)]
+        ax.plot(*zip(*pts), marker="o", label=f"{s} K={k}" if several and k is not None else s)
     ax.set_xscale("log")
     ax.set_xlabel("visual tokens")
     ax.set_ylabel("decode speedup vs ar (greedy)")

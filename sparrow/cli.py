@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--natural-stop", action="store_true",
                    help="stop at end-of-turn (default: every strategy decodes exactly --max-new-tokens, "
                         "transformers' min_new_tokens)")
-    p.add_argument("--draft-len", type=int, default=5, help="K")
+    p.add_argument("--draft-len", type=_int_list, default=(5,),
+                   help="K; comma-separated to time each speculative strategy once per K, side by side")
     p.add_argument("--tree-width", type=int, default=1, help="1: chain; w > 1: top-w static tree")
     p.add_argument("--threads", type=int, default=2)
     _add_model_arg(p)

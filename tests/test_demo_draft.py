@@ -57,25 +57,33 @@ def test_cli_generate_strategies_agree(tmp_path):
 
 
 def test_bench_speedup_rows(tmp_path):
-    """The speedup benchmark end to end at a small size: strategies timed in one process, peak RSS from
-    their own, speedups against ar's row, greedy equality with ar, the files."""
+    """The speedup benchmark end to end at a small size: strategies (the speculative one at two draft
+    lengths) timed in one process, peak RSS from their own, speedups against ar's row, greedy equality
+    with ar, the files."""
     from sparrow.benchmarks import speedup
 
     cfg = speedup.SpeedupBenchConfig(visual_tokens=(256,), strategies=("ar", "sparrow", "hf"), videos=2,
-                                     max_new_tokens=8)
+                                     max_new_tokens=8, draft_len=(1, 4))
     rows = speedup.run_bench(cfg, progress=False)
-    assert [r["strategy"] for r in rows] == ["ar", "sparrow", "hf"]
-    ar, sp, hf = rows
+    assert [(r["strategy"], r["draft_len"]) for r in rows] == [("ar", None), ("sparrow", 1), ("sparrow", 4),
+                                                                ("hf", None)]
+    ar, sp1, sp, hf = rows
     assert ar["speedup_vs_ar"] == 1.0 and ar["mean_accepted_length"] is None
     assert sp["speedup_vs_ar"] == pytest.approx(sp["tokens_per_s"] / ar["tokens_per_s"], abs=1e-3)
     # transformers' generate shares the process with the runtime, on an untouched copy of the target
     assert all(r["lossless"] and r["new_tokens"] == 16 and r["videos"] == 2 for r in rows)
     assert sp["mean_accepted_length"] >= 1 and sp["draft_ms_per_step"] > 0 and sp["verify_ms_per_step"] > 0
+    assert 1 <= sp1["mean_accepted_length"] <= 2  # K = 1: one drafted token and the target's own per verify
     assert sp["sample_text"] == ar["sample_text"] == hf["sample_text"] != ""
     assert all(r["peak_rss_mb"] > 100 for r in rows) and ar["prefill_s"] > 0 and hf["prefill_s"] is None
     speedup.write(rows, cfg, tmp_path / "speedup.json")
-    assert [r["strategy"] for r in json.loads((tmp_path / "speedup.json").read_text())] == ["ar", "sparrow", "hf"]
-    assert "| 256 | sparrow |" in (tmp_path / "speedup.md").read_text() and (tmp_path / "speedup.png").stat().st_size
+    written = json.loads((tmp_path / "speedup.json").read_text())
+    assert [(r["strategy"], r["draft_len"]) for r in written] == [(r["strategy"], r["draft_len"]) for r in rows]
+    md = (tmp_path / "speedup.md").read_text()
+    assert "| 256 | sparrow | 1 |" in md and "| 256 | sparrow | 4 |" in md and "| 256 | ar | - |" in md
+    assert (tmp_path / "speedup.png").stat().st_size
+    with pytest.raises(ValueError, match="draft lengths >= 1"):
+        speedup.SpeedupBenchConfig(draft_len=(5, 0))
 
 
 def test_bench_draft_round_rows_and_ratios(tmp_path):
