@@ -1,6 +1,6 @@
 """The fused C++ CPU ops: the runtime's multi-token attention (`csrc/multi_token_attention.cpp`),
-the draft's one-token step (`csrc/draft_step.cpp`, see `sparrow.draft.Draft.step`) and small-M linear
-layers (`csrc/linear.cpp`, see `sparrow.runtime.small_m_linears`).
+the draft's one-token step and greedy chain (`csrc/draft_step.cpp`, see `sparrow.draft.Draft.step` and
+`Draft.chain`) and small-M linear layers (`csrc/linear.cpp`, see `sparrow.runtime.small_m_linears`).
 
 Compiled on first use with `torch.utils.cpp_extension.load` (a C++ compiler is needed, and ninja,
 a dependency of the package; the build is cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR` or
