@@ -7,8 +7,9 @@ in separate processes took as differences of their own. Each strategy's peak RSS
 process of its own over the first video. Decode throughput excludes prefill (reported separately, as
 the paper does). `lossless` compares each strategy's tokens with `ar`'s. Several draft lengths
 (`draft_len=(5, 6, 7)`) time each speculative strategy once per K, side by side in the same process.
-Rows: visual_tokens, strategy, draft_len (K; None for ar and hf), tokens_per_s, speedup_vs_ar, mean_accepted_length, draft_ms_per_step,
-verify_ms_per_step, peak_rss_mb, lossless, prefill_s, new_tokens, videos.
+Rows: visual_tokens, strategy, draft_len (K; None for ar and hf), tokens_per_s, speedup_vs_ar,
+mean_accepted_length, draft_ms_per_step, verify_ms_per_step, peak_rss_mb, lossless, prefill_s, new_tokens,
+videos.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _row(n_visual: int, strategy: str, k: int | None, runs: list[tuple[list[int]
 
 
 def _peak_rss(args) -> float:
-    """One strategy alone in a fresh process, over the first video: its own peak RSS in MB."""
+    """One strategy (at one K) alone in a fresh process, over the first video: its own peak RSS in MB."""
     cfg_json, strategy, k, n_visual = args
     import torch
 

@@ -139,7 +139,10 @@ def draft_tree(draft: Draft, ctx, tree: TokenTree, root: int, root_feat: torch.T
 
     The root's children are output token number `first_index`: where that number is below
     `min_new_tokens` the target holds end-of-turn back, so the draft must not propose it (a drafted
-    end-of-turn there is a certain rejection, and the rest of its branch with it)."""
+    end-of-turn there is a certain rejection, and the rest of its branch with it).
+
+    A greedy chain is one `Draft.chain` call (the K steps and their argmaxes in C++) where the draft's
+    step runs in C++; the loop below is for trees, sampling and the torch step."""
     tokens = torch.zeros(tree.size, dtype=torch.long)  # [N]
     tokens[0] = root
     if tree.is_chain and temperature == 0:

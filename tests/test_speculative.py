@@ -538,7 +538,8 @@ def test_fused_draft_chain_equals_steps():
             if not hold:
                 free_chain = got
     with pytest.raises(RuntimeError, match="fewer than the 3 free ones"):
-        torch.ops.sparrow.draft_chain(feat, 3, 3, 0, ctx[0][:, :2], ctx[1][:, :2], embed, inv, weights, 1e-6, 1e-6, 0, [])
+        torch.ops.sparrow.draft_chain(feat, 3, 3, 0, ctx[0][:, :2], ctx[1][:, :2], embed, inv, weights, 1e-6, 1e-6,
+                                      0, [])
     with pytest.raises(RuntimeError, match="token 12 outside the vocabulary"):
         torch.ops.sparrow.draft_chain(feat, 12, 1, 0, *ctx, embed, inv, weights, 1e-6, 1e-6, 0, [])
     with pytest.raises(RuntimeError, match="embed must be"):

@@ -194,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
 // later steps see it) and picks its token by argmax, with the `eos` ids excluded for steps i < hold_eos
 // (where the target holds end-of-turn back). Draft.step in a Python loop costs ~60 us a step on top of the
 // fused step's arithmetic (context views, argmax, dispatch): a fifth of a 5-token round at 1k.
-at::Tensor draft_chain(const at::Tensor& feat, int64_t token, int64_t steps, int64_t position, const at::Tensor& ctx_k_in,
-                       const at::Tensor& ctx_v_in, const at::Tensor& embed, const at::Tensor& inv_freq,
-                       at::TensorList weights, double eps, double final_eps, int64_t hold_eos, at::IntArrayRef eos) {
+at::Tensor draft_chain(const at::Tensor& feat, int64_t token, int64_t steps, int64_t position,
+                       const at::Tensor& ctx_k_in, const at::Tensor& ctx_v_in, const at::Tensor& embed,
+                       const at::Tensor& inv_freq, at::TensorList weights, double eps, double final_eps, int64_t hold_eos, at::IntArrayRef eos) {
   const StepWeights s = step_weights("draft_chain", weights, inv_freq, ctx_k_in, ctx_v_in, eps, final_eps);
   TORCH_CHECK(steps >= 1, "sparrow::draft_chain: steps must be at least 1, got ", steps);
   const int64_t n = ctx_k_in.size(1) - steps;
@@ -206,7 +206,9 @@ at::Tensor draft_chain(const at::Tensor& feat, int64_t token, int64_t steps, int
   check("draft_chain", embed, "embed", {s.vocab, s.h});
   TORCH_CHECK(token >= 0 && token < s.vocab, "sparrow::draft_chain: token ", token, " outside the vocabulary of ",
               s.vocab);
-  for (int64_t e : eos) TORCH_CHECK(e >= 0 && e < s.vocab, "sparrow::draft_chain: eos id ", e, " outside the vocabulary");
+  for (int64_t e : eos) {
+    TORCH_CHECK(e >= 0 && e < s.vocab, "sparrow::draft_chain: eos id ", e, " outside the vocabulary");
+  }
   const at::Tensor ctx_k = d_contiguous(ctx_k_in), ctx_v = d_contiguous(ctx_v_in), emb = embed.contiguous(),
                    inv = inv_freq.contiguous(), f = feat.contiguous();
   at::Tensor out = at::empty({steps}, feat.options().dtype(at::kLong));
@@ -264,7 +266,8 @@ TORCH_LIBRARY_FRAGMENT(sparrow, m) {
   m.def("draft_step(Tensor x_in, Tensor inv_freq, int position, Tensor(a!) ctx_k, Tensor(b!) ctx_v, Tensor[] weights, "
         "float eps, float final_eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("draft_chain(Tensor feat, int token, int steps, int position, Tensor(a!) ctx_k, Tensor(b!) ctx_v, "
-        "Tensor embed, Tensor inv_freq, Tensor[] weights, float eps, float final_eps, int hold_eos, int[] eos) -> Tensor");
+        "Tensor embed, Tensor inv_freq, Tensor[] weights, float eps, float final_eps, int hold_eos, int[] eos) "
+        "-> Tensor");
   m.def("draft_kv(Tensor x, Tensor positions, Tensor inv_freq, Tensor ln_attn, Tensor k, Tensor v, float eps) "
         "-> (Tensor, Tensor)");
 }
