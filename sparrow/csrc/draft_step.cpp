@@ -196,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_step(
 // fused step's arithmetic (context views, argmax, dispatch): a fifth of a 5-token round at 1k.
 at::Tensor draft_chain(const at::Tensor& feat, int64_t token, int64_t steps, int64_t position,
                        const at::Tensor& ctx_k_in, const at::Tensor& ctx_v_in, const at::Tensor& embed,
-                       const at::Tensor& inv_freq, at::TensorList weights, double eps, double final_eps, int64_t hold_eos, at::IntArrayRef eos) {
+                       const at::Tensor& inv_freq, at::TensorList weights, double eps, double final_eps,
+                       int64_t hold_eos, at::IntArrayRef eos) {
   const StepWeights s = step_weights("draft_chain", weights, inv_freq, ctx_k_in, ctx_v_in, eps, final_eps);
   TORCH_CHECK(steps >= 1, "sparrow::draft_chain: steps must be at least 1, got ", steps);
   const int64_t n = ctx_k_in.size(1) - steps;
