@@ -122,23 +122,6 @@ SPARROW_AVX512 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// Lane 4 * m + e of the result is the sum of the 16 lanes of a[4 * e + m]. Every a[i] goes through the
-// same tree of adds whatever the other fifteen hold, so a dot product's bits do not depend on its tile.
-[[gnu::always_inline]] SPARROW_AVX512 inline __m512 transpose_reduce16(const __m512* a) {
-  __m512 s[8], r[4], w[2];
-  for (int i = 0; i < 8; ++i)  // quarters 0-1 of s[i]: a[2i] folded to 8 lanes, 2-3: a[2i + 1]
-    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int j = 0; j < 4; ++j)  // quarter m of r[j]: a[4j + m] folded to 4 lanes
-    r[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int k = 0; k < 2; ++k)  // quarter m of w[k]: a[8k + m] and a[8k + 4 + m], two lanes each
-    w[k] = _mm512_add_ps(_mm512_shuffle_ps(r[2 * k], r[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(r[2 * k], r[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // 16 dot products: weight rows [c, c + 16 / NM) x input rows [i, i + NM), accumulated over K in
 // 16-lane chunks (NM input loads and 16 / NM weight loads per 16 FMAs), one transpose-reduce.
 template <int NM, typename W>
@@ -157,7 +140,7 @@ template <int NM, typename W>
   }
   alignas(64) float sums[16];
   _mm512_store_ps(sums, transpose_reduce16(acc));
-  for (int a = 0; a < 16; ++a) y[(i + a % NM) * n + c + a / NM] = sums[a % 4 * 4 + a / 4];
+  for (int a = 0; a < 16; ++a) y[(i + a % NM) * n + c + a / NM] = sums[a];
 }
 
 // Columns [c0, c1) in blocks of 16 (the block's weight rows stay in L1 across the row groups), input

@@ -34,6 +34,30 @@ SPARROW_AVX2 inline __m256 transpose_reduce8(const __m256* a) {
 }
 #endif
 
+#ifdef SPARROW_AVX512
+// Lane i of the result is the sum of the 16 lanes of a[i]. Every a[i] goes through the same tree of adds
+// whatever the other fifteen hold, so a dot product's bits do not depend on which tile slot it took.
+SPARROW_AVX512 inline __m512 transpose_reduce16(const __m512* a) {
+  __m512 u[8], w[4];
+  for (int i = 0; i < 8; ++i) {
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
+    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // w[i], 128-bit quad c, element e: quad c's partial sum of a[4i + e]; now sum across quads.
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
 // y [M, N] = x [M, K] W^T for W [N, K] contiguous float32 or float16 (rows of x contiguous, x_stride
 // apart), split across threads by output column; every weight row is read once for all M rows. A float16
 // W is converted exactly and summed in float32 in the same order: the float32 copy of the same values

@@ -240,27 +240,6 @@ struct NoPrefetch {
   inline void step() {}
 };
 
-// Lane i of the result is the sum of the 16 lanes of a[i].
-SPARROW_AVX512 inline __m512 transpose_reduce16(const __m512* a) {
-  __m512 u[8], w[4];
-  for (int i = 0; i < 8; ++i) {
-    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
-    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  // w[i], 128-bit quad c, element e: quad c's partial sum of a[4i + e]; now sum across quads.
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // Scores of NR rows x (16 / NR) keys: 16 dot products over D, one transpose-reduce.
 template <int NR>
 SPARROW_AVX512 inline void scores_tile(const Problem& p, const float* q, const float* k, float* s, Prefetcher& pf) {
@@ -277,7 +256,7 @@ SPARROW_AVX512 inline void scores_tile(const Problem& p, const float* q, const f
     }
   }
   alignas(64) float sums[16];
-  _mm512_store_ps(sums, transpose_reduce16(acc));
+  _mm512_store_ps(sums, sparrow_cpu::transpose_reduce16(acc));
   for (int r = 0; r < NR; ++r) std::memcpy(s + r * BLOCK, sums + r * NK, NK * sizeof(float));
 }
 
