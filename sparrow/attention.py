@@ -6,8 +6,8 @@ of a GQA group are stacked into one matrix so each KV head's keys and values are
 all query rows and all heads of the group: no `repeat_kv` copy, no concatenated cache.
 
 `multi_token_attention` is the torch implementation (and the semantics). The runtime runs, per
-device: on CUDA the Triton kernel (`attention_triton`); on CPU, for steps of up to CPP_MAX_T
-tokens, the fused C++ op (`attention_cpp`, compiled on first use) where it builds and has its
+device: on CUDA the Triton kernel (`attention_triton`); on CPU the fused C++ op (`attention_cpp`,
+compiled on first use) for every float32 step, prefill chunks included, where it builds and has its
 AVX-512 or AVX2 kernel, else this torch implementation; `SPARROW_ATTENTION=torch|cpp` forces one.
 """
 
@@ -20,7 +20,6 @@ import torch
 from .kv_cache import StepPlan
 
 QUERY_BLOCK = 512  # rows per block in long prefill chunks: bounds the score matrix, not the KV reads
-CPP_MAX_T = 64  # new tokens per step up to which CPU steps use the fused C++ op (decode, verify, trees)
 BACKENDS = ("auto", "torch", "cpp")
 
 
@@ -52,15 +51,20 @@ def multi_token_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if out is None:
         out = torch.empty(hq, t, d, dtype=q.dtype, device=q.device)
     out = out.view(hkv, g, t, d)
+    # One score buffer for every block, softmax in place: a prefill chunk's blocks are ~200 MB each at
+    # 25.6k keys, and a fresh allocation per block costs more in page faults than the matmuls do.
+    scratch = torch.empty(hkv * g * min(t, block) * (past + t), dtype=q.dtype, device=q.device)
     for r0 in range(0, t, block):
         r1 = min(t, r0 + block)
         rows = r1 - r0
         n = past + r1  # later new tokens are masked for every row of this block anyway
         keys, values = k_cache[:, :n], v_cache[:, :n]  # [Hkv, n, D] views, no copy
-        scores = torch.matmul(qg[:, :, r0:r1].reshape(hkv, g * rows, d), keys.transpose(1, 2))
+        scores = scratch[:hkv * g * rows * n].view(hkv, g * rows, n)
+        torch.matmul(qg[:, :, r0:r1].reshape(hkv, g * rows, d), keys.transpose(1, 2), out=scores)
         scores = scores.view(hkv, g, rows, n).float().mul_(scale)  # [Hkv, G, R, n]
         scores[..., past:].masked_fill_(~tail_mask[r0:r1, :r1], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(hkv, g * rows, n)
+        scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        probs = scores.div_(scores.sum(-1, keepdim=True)).to(values.dtype).view(hkv, g * rows, n)
         out[:, :, r0:r1] = torch.matmul(probs, values).view(hkv, g, rows, d)
     return out.view(hq, t, d)
 
@@ -69,16 +73,16 @@ def cpu_backend(query: torch.Tensor) -> str:
     """"cpp" or "torch" for a CPU query `[B, Hq, T, D]`.
 
     `SPARROW_ATTENTION=torch|cpp` forces one (cpp raises if the op cannot be built); by default
-    (`auto`) float32 steps of at most CPP_MAX_T tokens use the fused C++ op when it builds and runs
-    its AVX-512 or AVX2 kernel (its portable loops are slower than torch's matmuls), and prefill chunks
-    and other dtypes the torch implementation.
+    (`auto`) float32 steps, prefill chunks included, use the fused C++ op when it builds and runs its
+    AVX-512 or AVX2 kernel (its portable loops are slower than torch's matmuls), other dtypes the torch
+    implementation. A 4,096-token chunk over 8k past keys: AVX-512 0.24 s, AVX2 0.48, torch 0.60.
     """
     choice = os.environ.get("SPARROW_ATTENTION", "").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"SPARROW_ATTENTION must be one of {', '.join(BACKENDS)}, got {choice!r}")
     if choice != "auto":
         return choice
-    if query.dtype != torch.float32 or query.shape[2] > CPP_MAX_T:
+    if query.dtype != torch.float32:
         return "torch"
     from . import attention_cpp
 
