@@ -39,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -63,6 +64,7 @@ struct Problem {
   int64_t k_sh, k_st, v_sh, v_st;  // head and token strides of the caches
   int64_t g, t, d, r, past, n;     // n = past + T keys
   const bool* mask;                // [T, T] contiguous
+  const int64_t* group_last;       // [RP / LANES]: the last tail key (index j of past + j) any row of the group may see
 };
 
 constexpr int64_t LANES = 16;  // rows per group of the AVX-512 rows-in-lanes path
@@ -453,12 +455,18 @@ SPARROW_AVX512 void block_avx512_lanes(const Problem& p, const TaskBuffers& b, c
   k += k0 * p.k_st;
   v += k0 * p.v_st;
   NoPrefetch none;
+  bool prefetched = false;
   for (int64_t r0 = 0; r0 < p.r; r0 += LANES) {
+    // A prefill chunk's causal tail: blocks past every row of the group are skipped, not masked (their
+    // weights would all be 0 and the rescale 1, so the state is exactly what computing them gives).
+    if (k0 > p.past + p.group_last[r0 / LANES]) continue;
     float* st = b.s;  // [nb, LANES]
     const float* qt = b.qt + r0 * p.d;
+    const bool pf_group = !prefetched;  // the first group computed prefetches the next block, once
+    prefetched = true;
     int64_t j = 0;
     for (; j + 16 <= nb; j += 16) {
-      const bool pf = r0 == 0 && next + j + 16 <= p.n;  // once per block, and never past the cache
+      const bool pf = pf_group && next + j + 16 <= p.n;  // never past the cache
       const int64_t ahead = next - k0;
       const float* kj = k + j * p.k_st;
       const char* kn = pf ? reinterpret_cast<const char*>(k + (ahead + j) * p.k_st) : nullptr;
@@ -734,9 +742,19 @@ at::Tensor sparrow_cpu::multi_token_attention(const at::Tensor& q_in, const at::
   // Rows r = g * T + t of KV head h are query head h * G + g, token t: q viewed as [Hkv, R, D].
   const at::Tensor qs = (q_in.reshape({hkv, r, d}) * static_cast<float>(scale * LOG2E)).contiguous();
 
+  std::vector<int64_t> group_last(padded_rows(r) / LANES, -1);
+  for (int64_t row = 0; row < r; ++row) {
+    const bool* allowed = mask.data_ptr<bool>() + (row % t) * t;
+    for (int64_t j = t - 1; j > group_last[row / LANES]; --j) {
+      if (allowed[j]) {
+        group_last[row / LANES] = j;
+        break;
+      }
+    }
+  }
   const Problem p{qs.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                   k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                  g, t, d, r, past, n, mask.data_ptr<bool>()};
+                  g, t, d, r, past, n, mask.data_ptr<bool>(), group_last.data()};
   const Isa isa = pick_isa(d);
 
   // Chunks of whole blocks, enough tasks for every thread twice over when the cache is long.
