@@ -1,4 +1,5 @@
-// Fused CPU multi-token decode attention: the semantics of sparrow.attention.multi_token_attention.
+// Fused CPU multi-token attention (decode, verify, trees, prefill chunks): the semantics of
+// sparrow.attention.multi_token_attention.
 //
 // q `[Hq, T, D]`; k/v_cache `[Hkv, >= past + T, D]` (last dim contiguous, any other strides);
 // tail_mask `[T, T]` bool (True = new token i may attend new token j); -> `[Hq, T, D]`.
@@ -23,7 +24,9 @@
 // lanes_min_rows() rows or more (a verify: G * T rows), where the horizontal sums above cost as much as
 // the FMAs: rows in the 16 lanes, scores as S^T = K Q^T with each key element broadcast, the softmax
 // lane-wise down the keys (block_avx512_lanes); at G = 2 it runs a 6-token verify over a 25.6k cache
-// ~37% faster than the row tiles and an 8-token one in about half their time.
+// ~37% faster than the row tiles and an 8-token one in about half their time. Prefill chunks (thousands
+// of rows) take that path too; it skips the key blocks of the chunk's causal tail that no row of a
+// 16-row group may see.
 
 #include "attention.h"
 #include "linear.h"
