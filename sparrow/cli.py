@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="long demo videos (sizes: --long-videos) the target captions for phase 2 (0: no phase 2)")
     p.add_argument("--long-videos", type=_frames_by_side, default=None, metavar="FxS,...",
                    help="phase-2 video sizes, frames x side in pixels, taken in turn "
-                        "(default: 96x256,128x256,128x128: 12,288, 16,384 and 4,096 visual tokens)")
+                        "(default: 200x256,128x256,128x128: 25,600, 16,384 and 4,096 visual tokens)")
     p.add_argument("--long-steps", type=int, default=300, help="phase-2 steps (mixed short and long videos)")
     p.add_argument("--init", default=None,
                    help="a trained draft of the same config: start phase 2 from it, skipping phase 1")
