@@ -30,7 +30,7 @@ BENCH_SEED = 3  # held-out videos: evaluation seed range, never used to train th
 class SpeedupBenchConfig:
     visual_tokens: tuple[int, ...] = (1024, 4096, 16384, 25600)
     strategies: tuple[str, ...] = ("ar", "eagle", "sparrow", "hf")
-    videos: int = 3
+    videos: int = 12  # at 25.6k the accepted length varies a lot by video: 3.28 on the first 6, 2.66 on 24
     max_new_tokens: int = 48
     # Fixed-length decoding (transformers' min_new_tokens = max_new_tokens), as throughput benchmarks
     # do: every strategy decodes the same number of tokens at every size. 0: stop at end-of-turn.
