@@ -2,7 +2,7 @@
 
 Every draft runs greedy speculative decoding on the same held-out demo videos; each output is
 compared token for token with stock Hugging Face `generate` (greedy) on a separate, untouched copy
-of the target. Rows: draft, attend, window, glimpses, mtp_steps, train_steps, videos,
+of the target. Rows: draft, attend, window, glimpses, glimpse_layer, mtp_steps, train_steps, videos,
 lossless_videos, mean_accepted_length, holdout_expected_length and holdout_long_expected_length
 (the offline estimates training printed, on held-out short and long-video records), visual_tokens,
 draft_len, min_new_tokens.
@@ -32,6 +32,7 @@ class AcceptanceBenchConfig:
     def __post_init__(self):
         if not self.drafts:
             raise ValueError("name at least one draft")
+        self.drafts = {str(name): str(path) for name, path in dict(self.drafts).items()}  # JSON-ready, Paths too
         if self.videos < 1 or self.draft_len < 1:
             raise ValueError("videos and draft_len must be at least 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -78,7 +79,9 @@ def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
         s = stats[name]
         window = draft.cfg.window if draft.cfg.attend == "window" else None  # the prefix draft has no window
         rows.append({"draft": name, "attend": draft.cfg.attend, "window": window,
-                     "glimpses": draft.cfg.glimpses, "mtp_steps": meta.get("config", {}).get("mtp_steps"),
+                     "glimpses": draft.cfg.glimpses,
+                     "glimpse_layer": draft.cfg.glimpse_layer if draft.cfg.glimpses else None,
+                     "mtp_steps": meta.get("config", {}).get("mtp_steps"),
                      "train_steps": meta.get("config", {}).get("steps"), "videos": len(videos),
                      "lossless_videos": s["lossless"], "mean_accepted_length": round(s["new"] / max(s["steps"], 1), 3),
                      "holdout_expected_length": meta.get("holdout", {}).get("expected_accepted_length"),
@@ -89,8 +92,9 @@ def run_bench(cfg: AcceptanceBenchConfig, progress: bool = True) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    keys = ["draft", "attend", "window", "glimpses", "mtp_steps", "train_steps", "mean_accepted_length",
-            "holdout_expected_length", "holdout_long_expected_length", "lossless_videos", "videos"]
+    keys = ["draft", "attend", "window", "glimpses", "glimpse_layer", "mtp_steps", "train_steps",
+            "mean_accepted_length", "holdout_expected_length", "holdout_long_expected_length", "lossless_videos",
+            "videos"]
     lines = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")

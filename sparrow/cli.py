@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -271,7 +272,7 @@ def cmd_bench_acceptance(a):
     from .benchmarks import acceptance
     from .demo.model import DEMO_DRAFTS
 
-    drafts = dict(a.drafts) if a.drafts else {k: str(v) for k, v in DEMO_DRAFTS.items()}
+    drafts = dict(a.drafts) if a.drafts else DEMO_DRAFTS
     cfg = acceptance.AcceptanceBenchConfig(drafts=drafts, visual_tokens=a.visual_tokens, videos=a.videos,
                                            max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_new_tokens,
                                            draft_len=a.draft_len, model=a.model,
@@ -306,6 +307,12 @@ def _named_paths(text: str) -> tuple[tuple[str, str], ...]:
             raise argparse.ArgumentTypeError(f"expected name=path[,name=path...], got {item!r}")
         pairs.append((name, path))
     return tuple(pairs)
+
+
+def _defaults(config_cls) -> dict:
+    """A config dataclass's field defaults: what a bench option defaults to, stated once, in the config."""
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(config_cls)}
 
 
 def _str_list(text: str) -> tuple[str, ...]:
@@ -438,74 +445,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     p.set_defaults(fn=cmd_generate)
 
+    from .benchmarks import acceptance, draft_round, runtime, serving, speedup  # torch-free at import
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    d = _defaults(runtime.RuntimeBenchConfig)
     p = bench.add_parser("runtime", help="owned-cache runtime vs stock transformers: decode and verify step cost")
-    p.add_argument("--visual-tokens", type=_int_list, default=(1024, 4096, 25600))
-    p.add_argument("--draft-len", type=int, default=5, help="K: the verify step runs K+1 tokens")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"])
+    p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K: the verify step runs K+1 tokens")
+    p.add_argument("--repeats", type=int, default=d["repeats"])
+    p.add_argument("--threads", type=int, default=d["threads"])
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write the rows here (and a markdown table next to it)")
     p.set_defaults(fn=cmd_bench_runtime)
 
+    d = _defaults(speedup.SpeedupBenchConfig)
     p = bench.add_parser("speedup", help="ar vs eagle vs sparrow (and transformers generate) on the same videos")
-    p.add_argument("--visual-tokens", type=_int_list, default=(1024, 4096, 16384, 25600))
-    p.add_argument("--strategies", type=_str_list, default=("ar", "eagle", "sparrow", "hf"),
+    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"])
+    p.add_argument("--strategies", type=_str_list, default=d["strategies"],
                    help="comma-separated: ar, eagle, sparrow, hf (transformers generate), hf_lookup (prompt lookup)")
-    p.add_argument("--videos", type=int, default=12,
+    p.add_argument("--videos", type=int, default=d["videos"],
                    help="held-out demo videos per size (at 25.6k, 6 proved an easier-than-average sample)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
     p.add_argument("--natural-stop", action="store_true",
                    help="stop at end-of-turn (default: every strategy decodes exactly --max-new-tokens, "
                         "transformers' min_new_tokens)")
-    p.add_argument("--draft-len", type=_int_list, default=(5,),
+    p.add_argument("--draft-len", type=_int_list, default=d["draft_len"],
                    help="K; comma-separated to time each speculative strategy once per K, side by side")
-    p.add_argument("--tree-width", type=int, default=1, help="1: chain; w > 1: top-w static tree")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tree-width", type=int, default=d["tree_width"], help="1: chain; w > 1: top-w static tree")
+    p.add_argument("--threads", type=int, default=d["threads"])
     _add_model_arg(p)
     p.add_argument("--sparrow-draft", default=None, help="default: the embedded demo draft")
     p.add_argument("--eagle-draft", default=None, help="default: the embedded EAGLE baseline draft")
     p.add_argument("--json", default=None, help="write rows here (and .md table, .png plot next to it)")
     p.set_defaults(fn=cmd_bench_speedup)
 
+    d = _defaults(acceptance.AcceptanceBenchConfig)
     p = bench.add_parser("acceptance", help="greedy lossless vs transformers generate, and mean accepted "
                                             "length per draft (the ablation table)")
     p.add_argument("--drafts", type=_named_paths, default=None,
                    help="name=dir[,name=dir...] (default: the embedded sparrow and eagle drafts)")
-    p.add_argument("--visual-tokens", type=int, default=1024)
-    p.add_argument("--videos", type=int, default=100, help="held-out demo videos")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--min-new-tokens", type=int, default=0,
+    p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"])
+    p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--min-new-tokens", type=int, default=d["min_new_tokens"],
                    help="hold end-of-turn back until this many tokens (bench speedup's fixed-length regime)")
-    p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
+    p.add_argument("--threads", type=int, default=d["threads"])
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_acceptance)
 
+    d = _defaults(draft_round.DraftRoundBenchConfig)
     p = bench.add_parser("draft-round", help="draft ms per round at each video size, side by side in one process "
                                              "(the embedded drafts)")
-    p.add_argument("--visual-tokens", type=_int_list, default=(1024, 25600))
-    p.add_argument("--strategies", type=_str_list, default=("sparrow", "eagle"), help="comma-separated: sparrow, eagle")
-    p.add_argument("--videos", type=int, default=2, help="held-out demo videos per size")
-    p.add_argument("--rounds", type=int, default=2, help="passes over sizes and videos (median reported)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="every decode runs this long")
-    p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
+    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"])
+    p.add_argument("--strategies", type=_str_list, default=d["strategies"],
+                   help="comma-separated: sparrow, eagle")
+    p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos per size")
+    p.add_argument("--rounds", type=int, default=d["rounds"], help="passes over sizes and videos (median reported)")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="every decode runs this long")
+    p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
     p.add_argument("--no-warm-check", action="store_true",
                    help="skip the Sparrow rows whose draft weights are read right after each verify")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=d["threads"])
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_draft_round)
 
+    d = _defaults(serving.ServingBenchConfig)
     p = bench.add_parser("serving", help="tokens/s through the Triton ensemble (streaming) vs in-process "
                                          "decoding on the same videos, interleaved")
-    p.add_argument("--visual-tokens", type=int, default=1024)
-    p.add_argument("--videos", type=int, default=3, help="held-out demo videos")
-    p.add_argument("--rounds", type=int, default=5, help="passes over the videos (each timed both ways)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--strategies", type=_str_list, default=("sparrow", "ar"), help="comma-separated: sparrow, ar")
-    p.add_argument("--draft-len", type=int, default=5, help="K (chain)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server alike")
+    p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"])
+    p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos")
+    p.add_argument("--rounds", type=int, default=d["rounds"], help="passes over the videos (each timed both ways)")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--strategies", type=_str_list, default=d["strategies"], help="comma-separated: sparrow, ar")
+    p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
+    p.add_argument("--threads", type=int, default=d["threads"],
+                   help="torch threads, in-process and in the server alike")
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_serving)
     return ap

@@ -86,6 +86,53 @@ def test_bench_speedup_rows(tmp_path):
         speedup.SpeedupBenchConfig(draft_len=(5, 0))
 
 
+def test_bench_options_default_to_their_configs():
+    """Each bench option's default is its config field's, and building the parser imports no torch."""
+    code = """
+import dataclasses, json, sys
+from sparrow.cli import build_parser
+from sparrow.benchmarks import acceptance, draft_round, runtime, serving, speedup
+parser = build_parser()
+out = {'torch': 'torch' in sys.modules}
+for cmd, cls in [('runtime', runtime.RuntimeBenchConfig), ('speedup', speedup.SpeedupBenchConfig),
+                 ('acceptance', acceptance.AcceptanceBenchConfig), ('draft-round', draft_round.DraftRoundBenchConfig),
+                 ('serving', serving.ServingBenchConfig)]:
+    args = vars(parser.parse_args(['bench', cmd]))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out[cmd] = {k: [list(v) if isinstance(v, tuple) else v,
+                    list(fields[k].default) if isinstance(fields[k].default, tuple) else fields[k].default]
+                for k, v in args.items() if k in fields and fields[k].default is not dataclasses.MISSING}
+print(json.dumps(out))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout)
+    assert out.pop("torch") is False
+    assert out["speedup"]["videos"] == [12, 12] and len(out["speedup"]) >= 6
+    for cmd, pairs in out.items():
+        assert pairs and all(parsed == default for parsed, default in pairs.values()), (cmd, pairs)
+
+
+def test_bench_acceptance_rows(tmp_path):
+    """The ablation/lossless table end to end at a small size: one row per named draft, every output
+    compared with transformers' generate, the recipe columns read from each draft's config."""
+    from sparrow.benchmarks import acceptance
+
+    cfg = acceptance.AcceptanceBenchConfig(drafts=dict(DEMO_DRAFTS), visual_tokens=256, videos=2, max_new_tokens=8,
+                                           min_new_tokens=8)
+    rows = acceptance.run_bench(cfg, progress=False)
+    by_name = {r["draft"]: r for r in rows}
+    assert set(by_name) == set(DEMO_DRAFTS)
+    sparrow, eagle = by_name["sparrow"], by_name["eagle"]
+    assert sparrow["lossless_videos"] == eagle["lossless_videos"] == 2 and sparrow["videos"] == 2
+    assert (sparrow["attend"], sparrow["window"], sparrow["glimpses"]) == ("window", 64, 16)
+    assert sparrow["glimpse_layer"] == 2 and eagle["glimpse_layer"] is None and eagle["window"] is None
+    assert sparrow["mtp_steps"] == 5 and 1 <= sparrow["mean_accepted_length"] <= 6
+    md = acceptance.table(rows)
+    assert "| glimpse layer |" in md and "| sparrow | window | 64 | 16 | 2 | 5 |" in md
+    acceptance.write(rows, cfg, tmp_path / "acc.json")
+    assert json.loads((tmp_path / "acc.json").read_text())[0]["config"]["videos"] == 2
+
+
 def test_bench_draft_round_rows_and_ratios(tmp_path):
     from sparrow.benchmarks import draft_round
 
