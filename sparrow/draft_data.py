@@ -28,7 +28,7 @@ POOLED = 16  # visual states are stored pooled to this many vectors per layer (g
 
 @dataclass
 class DraftDataConfig:
-    examples: int = 1600
+    examples: int = 3000  # with long_examples: the recipe of the embedded drafts
     shard_size: int = 100
     seed: int = 0
     caption_share: float = 0.75  # captions are long answers: where speculation pays
@@ -44,7 +44,7 @@ class DraftDataConfig:
     # longest: trained only up to 16k, the Sparrow draft accepted 2.66 tokens a round there on 24
     # held-out videos, 3.03 after a phase 2 that had it), 16,384, and 4,096 at 128 px (without it
     # the glimpses, which pool the video, had never seen a 128 px frame: 3.13 at 4k against 3.64 at 1k).
-    long_examples: int = 0
+    long_examples: int = 60
     long_videos: tuple[tuple[int, int], ...] = ((200, 256), (128, 256), (128, 128))  # (frames, side), in turn
     long_min_new_tokens: int = 48
 

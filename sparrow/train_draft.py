@@ -33,7 +33,7 @@ IGNORE = -100
 class DraftTrainConfig:
     draft: DraftConfig = field(default_factory=DraftConfig)
     data: DraftDataConfig = field(default_factory=DraftDataConfig)
-    steps: int = 3000
+    steps: int = 1500  # phase 1; the embedded drafts were trained with these defaults
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 100

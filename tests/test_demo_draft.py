@@ -112,6 +112,28 @@ print(json.dumps(out))
         assert pairs and all(parsed == default for parsed, default in pairs.values()), (cmd, pairs)
 
 
+def test_train_draft_options_state_the_recipe_defaults():
+    """`sparrow train draft` with no flags trains the recipe of the config dataclasses (its parser, kept
+    torch-free, states their defaults again: this holds the two together)."""
+    import dataclasses
+
+    from sparrow.cli import build_parser
+    from sparrow.draft import DraftConfig
+    from sparrow.draft_data import DraftDataConfig
+    from sparrow.train_draft import DraftTrainConfig
+
+    args = vars(build_parser().parse_args(["train", "draft"]))
+    checked = 0
+    for cls, names in [(DraftConfig, ("attend", "window", "glimpses", "glimpse_layer")),
+                       (DraftTrainConfig, ("steps", "batch_size", "mtp_steps", "long_steps", "seed")),
+                       (DraftDataConfig, ("examples", "long_examples"))]:
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name in names:
+            assert args[name] == defaults[name], (cls.__name__, name)
+            checked += 1
+    assert checked == 11 and args["long_videos"] is None  # None: DraftDataConfig's own default sizes
+
+
 def test_bench_acceptance_rows(tmp_path):
     """The ablation/lossless table end to end at a small size: one row per named draft, every output
     compared with transformers' generate, the recipe columns read from each draft's config."""

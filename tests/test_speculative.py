@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
     path = tiny_models.build("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
     target = Target.load(path)  # stays a stock transformers model: the reference
     runtime = Runtime(Target.load(path), max_len=512)
-    data = DraftDataConfig(examples=8, feature_layers=LAYERS, max_new_tokens=24)
+    data = DraftDataConfig(examples=8, feature_layers=LAYERS, max_new_tokens=24, long_examples=0)
     recs = [record(runtime, _frames(s), PROMPT, data, torch.float32) for s in range(8)]
     return target, runtime, recs
 

@@ -36,7 +36,7 @@ def test_record_holds_end_of_turn_like_generate(target):
     """A long-video record's answer is the target's greedy answer with end-of-turn held back."""
     runtime = Runtime(target, max_len=512)
     frames = render(make_scene(5), 12, 64, 64)
-    cfg = DraftDataConfig(examples=1, max_new_tokens=12, feature_layers=LAYERS)
+    cfg = DraftDataConfig(examples=1, max_new_tokens=12, feature_layers=LAYERS, long_examples=0)
     for hold in (0, 9):
         rec = record(runtime, frames, "describe the video .", cfg, torch.float32, min_new_tokens=hold)
         ref = generate_ar(runtime, frames, "describe the video .", 12, min_new_tokens=hold)
@@ -87,7 +87,7 @@ def test_micro_batches_add_up_to_the_whole_batch(target, attend):
     """Phase 2 trains long and short records as separate micro-batches: same loss and gradients as
     one batch padded to the longest record."""
     runtime = Runtime(target, max_len=512)
-    data = DraftDataConfig(examples=1, max_new_tokens=8, feature_layers=LAYERS)
+    data = DraftDataConfig(examples=1, max_new_tokens=8, feature_layers=LAYERS, long_examples=0)
     recs = [record(runtime, render(make_scene(s), n, 64, 64), "describe the video .", data, torch.float32)
             for s, n in ((1, 24), (2, 24), (3, 8), (4, 8), (5, 8))]
     cfg = _cfg(target).draft
