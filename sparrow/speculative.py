@@ -27,11 +27,11 @@ import torch
 
 from .draft import Draft, PrefixContext, WindowContext
 from .generate import GenerationResult, _pick, check_lengths, hold_eos
-from .runtime import Runtime
-from .target import Prompt
+from .runtime import Runtime, RuntimeState
+from .target import Prompt, StepOutput
 
 if TYPE_CHECKING:
-    from .runtime_trtllm import TrtLlmRuntime
+    from .runtime_trtllm import TrtLlmRuntime, TrtLlmState
 
 
 @dataclass(frozen=True)
@@ -211,9 +211,13 @@ def generate_speculative(runtime: Runtime | TrtLlmRuntime, draft: Draft, frames:
                          tree: TokenTree, max_new_tokens: int = 64, temperature: float = 0.0,
                          seed: int = 0, min_new_tokens: int = 0,
                          on_tokens: Callable[[list[int]], None] | None = None,
-                         prepared: Prompt | None = None) -> GenerationResult:
+                         prepared: Prompt | None = None,
+                         prefilled: tuple[RuntimeState | TrtLlmState, StepOutput] | None = None) -> GenerationResult:
     """Speculative decoding of one request; `on_tokens` (streaming) gets each step's committed tokens;
-    `prepared`: `runtime.prepare(frames, prompt)` already done by the caller (not repeated)."""
+    `prepared`: `runtime.prepare(frames, prompt)` already done by the caller (not repeated);
+    `prefilled`: `runtime.prefill(prepared, layers)` already done, with at least the draft's layers: its
+    slot is cut back to the prompt first, so one prefill serves several decodes (stats' prefill_s is then
+    the time to set up the draft's context only)."""
     check_lengths(max_new_tokens, min_new_tokens)
     if temperature > 0 and not tree.is_chain:
         raise ValueError("sampling (temperature > 0) verifies chains only; use a chain draft")
@@ -222,7 +226,14 @@ def generate_speculative(runtime: Runtime | TrtLlmRuntime, draft: Draft, frames:
     t0 = time.perf_counter()
     p = prepared if prepared is not None else runtime.prepare(frames, prompt)
     layers = draft.cfg.target_layers
-    state, out = runtime.prefill(p, layers=layers)
+    if prefilled is None:
+        state, out = runtime.prefill(p, layers=layers)
+    else:
+        state, out = prefilled
+        missing = sorted(set(layers) - set(out.hidden))
+        if missing:
+            raise ValueError(f"the prefill holds no hidden states of target layers {missing}, which the draft reads")
+        runtime.truncate(state, state.prompt_length)
     ctx, feats = new_context(draft, out.hidden, p.visual_mask, runtime.max_len)
     tokens = [_pick(hold_eos(out.logits[0, -1:], torch.tensor([0]), min_new_tokens, eos)[0], temperature, gen)]
     root_feat, root_pos = feats[:, -1:], state.length  # the root token sits at cache index root_pos

@@ -254,6 +254,26 @@ def test_ar_and_speculative_agree_on_the_runtime(tiny, trained):
     assert generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(5), 30).token_ids == ar.token_ids
 
 
+def test_one_prefill_serves_several_decodes(tiny, trained):
+    """A prefill handed in (`prefilled`) is cut back to the prompt before each decode: the same tokens and
+    accepted lengths as decodes that prefill themselves, however long the decode before it ran."""
+    _, runtime, _ = tiny
+    draft, _ = trained
+    f = _frames(32, 24)
+    p = runtime.prepare(f, PROMPT)
+    own = [generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(k), 30, min_new_tokens=30, prepared=p)
+           for k in (5, 2)]
+    prefilled = runtime.prefill(p, layers=LAYERS)
+    for res, k in zip(own, (5, 2)):
+        again = generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(k), 30, min_new_tokens=30,
+                                     prepared=p, prefilled=prefilled)
+        assert again.token_ids == res.token_ids and len(again.token_ids) == 30
+        assert again.stats["target_steps"] == res.stats["target_steps"]
+    with pytest.raises(ValueError, match=r"target layers \[3\]"):
+        generate_speculative(runtime, draft, f, PROMPT, TokenTree.chain(5), 30, prepared=p,
+                             prefilled=runtime.prefill(p, layers=(1, 2)))
+
+
 def test_min_new_tokens_matches_transformers(tiny, trained):
     """Fixed-length decoding (end-of-turn held back) stays lossless, as transformers' min_new_tokens."""
     target, runtime, _ = tiny
