@@ -315,6 +315,16 @@ def _defaults(config_cls) -> dict:
             for f in dataclasses.fields(config_cls)}
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """--help shows an option's default (lists comma-joined, as typed) unless its help already speaks of it."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if not action.help or d is None or d is False or d == argparse.SUPPRESS or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: {','.join(map(str, d)) if isinstance(d, tuple) else d})"
+
+
 def _str_list(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x)
 
@@ -448,31 +458,35 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmarks import acceptance, draft_round, runtime, serving, speedup  # torch-free at import
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+
+    def bench_cmd(name: str, **kw) -> argparse.ArgumentParser:
+        return bench.add_parser(name, formatter_class=_DefaultsHelp, **kw)
+
     d = _defaults(runtime.RuntimeBenchConfig)
-    p = bench.add_parser("runtime", help="owned-cache runtime vs stock transformers: decode and verify step cost")
-    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"])
+    p = bench_cmd("runtime", help="owned-cache runtime vs stock transformers: decode and verify step cost")
+    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"], help="comma-separated sizes")
     p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K: the verify step runs K+1 tokens")
-    p.add_argument("--repeats", type=int, default=d["repeats"])
-    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--repeats", type=int, default=d["repeats"], help="timed passes (median reported)")
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads")
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write the rows here (and a markdown table next to it)")
     p.set_defaults(fn=cmd_bench_runtime)
 
     d = _defaults(speedup.SpeedupBenchConfig)
-    p = bench.add_parser("speedup", help="ar vs eagle vs sparrow (and transformers generate) on the same videos")
-    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"])
+    p = bench_cmd("speedup", help="ar vs eagle vs sparrow (and transformers generate) on the same videos")
+    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"], help="comma-separated sizes")
     p.add_argument("--strategies", type=_str_list, default=d["strategies"],
                    help="comma-separated: ar, eagle, sparrow, hf (transformers generate), hf_lookup (prompt lookup)")
     p.add_argument("--videos", type=int, default=d["videos"],
                    help="held-out demo videos per size (at 25.6k, 6 proved an easier-than-average sample)")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="tokens per answer")
     p.add_argument("--natural-stop", action="store_true",
                    help="stop at end-of-turn (default: every strategy decodes exactly --max-new-tokens, "
                         "transformers' min_new_tokens)")
     p.add_argument("--draft-len", type=_int_list, default=d["draft_len"],
                    help="K; comma-separated to time each speculative strategy once per K, side by side")
     p.add_argument("--tree-width", type=int, default=d["tree_width"], help="1: chain; w > 1: top-w static tree")
-    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads")
     _add_model_arg(p)
     p.add_argument("--sparrow-draft", default=None, help="default: the embedded demo draft")
     p.add_argument("--eagle-draft", default=None, help="default: the embedded EAGLE baseline draft")
@@ -480,25 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench_speedup)
 
     d = _defaults(acceptance.AcceptanceBenchConfig)
-    p = bench.add_parser("acceptance", help="greedy lossless vs transformers generate, and mean accepted "
+    p = bench_cmd("acceptance", help="greedy lossless vs transformers generate, and mean accepted "
                                             "length per draft (the ablation table)")
     p.add_argument("--drafts", type=_named_paths, default=None,
                    help="name=dir[,name=dir...] (default: the embedded sparrow and eagle drafts)")
-    p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"])
+    p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"], help="video size")
     p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="tokens per answer")
     p.add_argument("--min-new-tokens", type=int, default=d["min_new_tokens"],
                    help="hold end-of-turn back until this many tokens (bench speedup's fixed-length regime)")
     p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
-    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads")
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_acceptance)
 
     d = _defaults(draft_round.DraftRoundBenchConfig)
-    p = bench.add_parser("draft-round", help="draft ms per round at each video size, side by side in one process "
+    p = bench_cmd("draft-round", help="draft ms per round at each video size, side by side in one process "
                                              "(the embedded drafts)")
-    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"])
+    p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"], help="comma-separated sizes")
     p.add_argument("--strategies", type=_str_list, default=d["strategies"],
                    help="comma-separated: sparrow, eagle")
     p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos per size")
@@ -507,17 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
     p.add_argument("--no-warm-check", action="store_true",
                    help="skip the Sparrow rows whose draft weights are read right after each verify")
-    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads")
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")
     p.set_defaults(fn=cmd_bench_draft_round)
 
     d = _defaults(serving.ServingBenchConfig)
-    p = bench.add_parser("serving", help="tokens/s through the Triton ensemble (streaming) vs in-process "
+    p = bench_cmd("serving", help="tokens/s through the Triton ensemble (streaming) vs in-process "
                                          "decoding on the same videos, interleaved")
-    p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"])
+    p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"], help="video size")
     p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos")
     p.add_argument("--rounds", type=int, default=d["rounds"], help="passes over the videos (each timed both ways)")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="tokens per answer")
     p.add_argument("--strategies", type=_str_list, default=d["strategies"], help="comma-separated: sparrow, ar")
     p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
     p.add_argument("--threads", type=int, default=d["threads"],

@@ -110,6 +110,9 @@ print(json.dumps(out))
     assert out["speedup"]["videos"] == [12, 12] and len(out["speedup"]) >= 6
     for cmd, pairs in out.items():
         assert pairs and all(parsed == default for parsed, default in pairs.values()), (cmd, pairs)
+    shown = subprocess.run([sys.executable, "-m", "sparrow.cli", "bench", "speedup", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "(default: 1024,4096,16384,25600)" in " ".join(shown.split()) and "(default: 12)" in shown
 
 
 def test_train_draft_options_state_the_recipe_defaults():
