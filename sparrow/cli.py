@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _defaults(acceptance.AcceptanceBenchConfig)
     p = bench_cmd("acceptance", help="greedy lossless vs transformers generate, and mean accepted "
-                                            "length per draft (the ablation table)")
+                                     "length per draft (the ablation table)")
     p.add_argument("--drafts", type=_named_paths, default=None,
                    help="name=dir[,name=dir...] (default: the embedded sparrow and eagle drafts)")
     p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"], help="video size")
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _defaults(draft_round.DraftRoundBenchConfig)
     p = bench_cmd("draft-round", help="draft ms per round at each video size, side by side in one process "
-                                             "(the embedded drafts)")
+                                      "(the embedded drafts)")
     p.add_argument("--visual-tokens", type=_int_list, default=d["visual_tokens"], help="comma-separated sizes")
     p.add_argument("--strategies", type=_str_list, default=d["strategies"],
                    help="comma-separated: sparrow, eagle")
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _defaults(serving.ServingBenchConfig)
     p = bench_cmd("serving", help="tokens/s through the Triton ensemble (streaming) vs in-process "
-                                         "decoding on the same videos, interleaved")
+                                  "decoding on the same videos, interleaved")
     p.add_argument("--visual-tokens", type=int, default=d["visual_tokens"], help="video size")
     p.add_argument("--videos", type=int, default=d["videos"], help="held-out demo videos")
     p.add_argument("--rounds", type=int, default=d["rounds"], help="passes over the videos (each timed both ways)")
