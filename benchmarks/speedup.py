@@ -6,8 +6,9 @@ machines are shared and drift by tens of percent within minutes, which strategie
 in separate processes took as differences of their own. Each strategy's peak RSS comes from a fresh
 process of its own over the first video. Decode throughput excludes prefill (reported separately, as
 the paper does). `lossless` compares each strategy's tokens with `ar`'s. Several draft lengths
-(`draft_len=(5, 6, 7)`) time each speculative strategy once per K, side by side in the same process.
-Rows: visual_tokens, strategy, draft_len (K; None for ar and hf), tokens_per_s, speedup_vs_ar,
+(`draft_len=(5, 6, 7)`) time each speculative strategy once per K, side by side in the same process; a
+K may be a tree spec with branches (`7+1/01/10`, `sparrow.tree_spec`), to time a tree beside its chain.
+Rows: visual_tokens, strategy, draft_len (K or the spec; None for ar and hf), tokens_per_s, speedup_vs_ar,
 mean_accepted_length, draft_ms_per_step, verify_ms_per_step, peak_rss_mb, lossless, prefill_s, new_tokens,
 videos.
 """
@@ -18,6 +19,8 @@ import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sparrow.tree_spec import spec_key
 
 from .runtime import write_rows
 
@@ -35,7 +38,7 @@ class SpeedupBenchConfig:
     # Fixed-length decoding (transformers' min_new_tokens = max_new_tokens), as throughput benchmarks
     # do: every strategy decodes the same number of tokens at every size. 0: stop at end-of-turn.
     min_new_tokens: int | None = None
-    draft_len: tuple[int, ...] = (5,)  # K; several: each speculative strategy once per K
+    draft_len: tuple[int | str, ...] = (5,)  # K or a tree spec; several: each speculative strategy once per K
     tree_width: int = 1
     model: str | None = None
     sparrow_draft: str | None = None
@@ -45,20 +48,21 @@ class SpeedupBenchConfig:
 
     def __post_init__(self):
         self.visual_tokens, self.strategies = tuple(self.visual_tokens), tuple(self.strategies)
-        self.draft_len = (self.draft_len,) if isinstance(self.draft_len, int) else tuple(self.draft_len)
+        specs = (self.draft_len,) if isinstance(self.draft_len, (int, str)) else tuple(self.draft_len)
+        self.draft_len = tuple(spec_key(k, self.tree_width) for k in specs)
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"unknown strategies {bad}; choose from {STRATEGIES}")
         if "ar" not in self.strategies:
             raise ValueError("speedups are measured against ar: include it")
-        if self.videos < 1 or self.max_new_tokens < 2 or not self.draft_len or min(self.draft_len) < 1:
-            raise ValueError("videos >= 1, max_new_tokens >= 2 and draft lengths >= 1 are required")
+        if self.videos < 1 or self.max_new_tokens < 2 or not self.draft_len:
+            raise ValueError("videos >= 1, max_new_tokens >= 2 and a draft length are required")
         if self.min_new_tokens is None:
             self.min_new_tokens = self.max_new_tokens
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must lie in [0, {self.max_new_tokens}]")
 
-    def entries(self) -> list[tuple[str, int | None]]:
+    def entries(self) -> list[tuple[str, int | str | None]]:
         """What is timed: (strategy, K), the speculative strategies once per draft length."""
         return [(s, k) for s in self.strategies for k in (self.draft_len if s in SPECULATIVE else (None,))]
 
@@ -105,8 +109,8 @@ def _decoders(cfg: SpeedupBenchConfig, entries: list[tuple[str, int | None]], vi
     # transformers' generate on a copy of its own: the runtime switches its model's attention to its own
     plain = Target.load(cfg.model or DEMO_TARGET_DIR) if any(s.startswith("hf") for s, _ in entries) else None
     longest = max(target.prepare(f, p).input_ids.shape[1] for f, p in videos)
-    largest = TokenTree.static(max(cfg.draft_len), cfg.tree_width)
-    runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + largest.size + 1, prefill_chunk=cfg.prefill_chunk)
+    largest = max(TokenTree.static(k, cfg.tree_width).size for k in cfg.draft_len)
+    runtime = Runtime(target, max_len=longest + cfg.max_new_tokens + largest + 1, prefill_chunk=cfg.prefill_chunk)
     drafts = {s: Draft.load(getattr(cfg, f"{s}_draft") or DEMO_DRAFTS[s], target.model)
               for s in dict.fromkeys(s for s, k in entries if k is not None)}
 

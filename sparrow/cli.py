@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from .tree_spec import spec_key
+
 
 def _add_model_arg(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None,
@@ -325,6 +327,21 @@ class _DefaultsHelp(argparse.HelpFormatter):
         return f"{action.help} (default: {','.join(map(str, d)) if isinstance(d, tuple) else d})"
 
 
+def _tree_spec(text: str) -> int | str:
+    try:
+        return spec_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tree_specs(text: str) -> tuple[int | str, ...]:
+    return tuple(_tree_spec(x) for x in text.split(",") if x.strip())
+
+
+_TREE_HELP = "K+b/b/... adds branches, each the ranks of the draft's candidates from the root: 7+1/01 adds " \
+             "the first token's runner-up and the runner-up after the top-1 first token (greedy only)"
+
+
 def _str_list(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x)
 
@@ -441,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="sparrow", choices=["sparrow", "eagle", "ar"],
                    help="sparrow: Sparrow draft + verify; eagle: full-context draft baseline; ar: target alone")
     p.add_argument("--draft", default=None, help="draft directory (default: the embedded demo draft of --strategy)")
-    p.add_argument("--draft-len", type=int, default=5, help="K: drafted tokens per verify (tree depth)")
+    p.add_argument("--draft-len", type=_tree_spec, default=5,
+                   help="K: drafted tokens per verify (tree depth); " + _TREE_HELP)
     p.add_argument("--tree-width", type=int, default=1,
                    help="1: a chain; w > 1: a static tree with the top-w draft tokens at every depth (greedy only)")
     p.add_argument("--runtime", default="sparrow", choices=["sparrow", "hf"],
@@ -483,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--natural-stop", action="store_true",
                    help="stop at end-of-turn (default: every strategy decodes exactly --max-new-tokens, "
                         "transformers' min_new_tokens)")
-    p.add_argument("--draft-len", type=_int_list, default=d["draft_len"],
-                   help="K; comma-separated to time each speculative strategy once per K, side by side")
+    p.add_argument("--draft-len", type=_tree_specs, default=d["draft_len"],
+                   help="K; comma-separated to time each speculative strategy once per K, side by side; " + _TREE_HELP)
     p.add_argument("--tree-width", type=int, default=d["tree_width"], help="1: chain; w > 1: top-w static tree")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads")
     _add_model_arg(p)
@@ -503,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="tokens per answer")
     p.add_argument("--min-new-tokens", type=int, default=d["min_new_tokens"],
                    help="hold end-of-turn back until this many tokens (bench speedup's fixed-length regime)")
-    p.add_argument("--draft-len", type=int, default=d["draft_len"], help="K (chain)")
+    p.add_argument("--draft-len", type=_tree_specs, default=d["draft_len"],
+                   help="K (chain); comma-separated: one row per draft and K, from the same prefills; " + _TREE_HELP)
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads")
     _add_model_arg(p)
     p.add_argument("--json", default=None, help="write rows here (and a .md table next to it)")

@@ -29,6 +29,7 @@ from .draft import Draft, PrefixContext, WindowContext
 from .generate import GenerationResult, _pick, check_lengths, hold_eos
 from .runtime import Runtime, RuntimeState
 from .target import Prompt, StepOutput
+from .tree_spec import base_paths, tree_paths
 
 if TYPE_CHECKING:
     from .runtime_trtllm import TrtLlmRuntime, TrtLlmState
@@ -43,9 +44,7 @@ class TokenTree:
 
     @classmethod
     def chain(cls, k: int) -> "TokenTree":
-        if k < 1:
-            raise ValueError(f"draft length K must be at least 1, got {k}")
-        return cls(tuple(range(-1, k)), (0,) * (k + 1))
+        return cls.from_paths(base_paths(k))
 
     @classmethod
     def from_paths(cls, paths: list[tuple[int, ...]]) -> "TokenTree":
@@ -63,15 +62,13 @@ class TokenTree:
     @classmethod
     def spine(cls, k: int, width: int = 2) -> "TokenTree":
         """The top-1 chain of depth k, with the next `width - 1` alternatives hung off every level."""
-        paths = [(0,) * (d - 1) + (r,) for d in range(1, k + 1) for r in range(width)]
-        return cls.from_paths(paths)
+        return cls.from_paths(base_paths(k, width))
 
     @classmethod
-    def static(cls, k: int, width: int = 1) -> "TokenTree":
-        """A chain of K when width is 1, else the top-`width` spine tree of depth K."""
-        if width < 1:
-            raise ValueError(f"tree width must be at least 1, got {width}")
-        return cls.chain(k) if width == 1 else cls.spine(k, width)
+    def static(cls, k: int | str, width: int = 1) -> "TokenTree":
+        """A chain of K when width is 1, else the top-`width` spine tree of depth K; K may be a spec with
+        branches, `K+b/b/...` (`sparrow.tree_spec`)."""
+        return cls.from_paths(tree_paths(k, width))
 
     @property
     def size(self) -> int:

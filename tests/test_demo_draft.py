@@ -82,8 +82,11 @@ def test_bench_speedup_rows(tmp_path):
     md = (tmp_path / "speedup.md").read_text()
     assert "| 256 | sparrow | 1 |" in md and "| 256 | sparrow | 4 |" in md and "| 256 | ar | - |" in md
     assert (tmp_path / "speedup.png").stat().st_size
-    with pytest.raises(ValueError, match="draft lengths >= 1"):
+    with pytest.raises(ValueError, match="at least 1, got 0"):
         speedup.SpeedupBenchConfig(draft_len=(5, 0))
+    with pytest.raises(ValueError, match="branch 001 hangs off 00,"):
+        speedup.SpeedupBenchConfig(draft_len=("1+001",))
+    assert speedup.SpeedupBenchConfig(draft_len=("5", "4+1/10")).draft_len == (5, "4+1/10")
 
 
 def test_bench_options_default_to_their_configs():
@@ -138,22 +141,24 @@ def test_train_draft_options_state_the_recipe_defaults():
 
 
 def test_bench_acceptance_rows(tmp_path):
-    """The ablation/lossless table end to end at a small size: one row per named draft, every output
-    compared with transformers' generate, the recipe columns read from each draft's config."""
+    """The ablation/lossless table end to end at a small size: one row per named draft and tree, every
+    output compared with transformers' generate, the recipe columns read from each draft's config."""
     from sparrow.benchmarks import acceptance
 
     cfg = acceptance.AcceptanceBenchConfig(drafts=dict(DEMO_DRAFTS), visual_tokens=256, videos=2, max_new_tokens=8,
-                                           min_new_tokens=8)
+                                           min_new_tokens=8, draft_len=(5, "3+1/10/01"))
     rows = acceptance.run_bench(cfg, progress=False)
-    by_name = {r["draft"]: r for r in rows}
-    assert set(by_name) == set(DEMO_DRAFTS)
+    assert [(r["draft"], r["draft_len"], r["tree_nodes"]) for r in rows] == [
+        (name, k, n) for name in DEMO_DRAFTS for k, n in ((5, 5), ("3+1/10/01", 6))]
+    assert all(r["lossless_videos"] == 2 for r in rows)
+    by_name = {r["draft"]: r for r in rows if r["draft_len"] == 5}
     sparrow, eagle = by_name["sparrow"], by_name["eagle"]
-    assert sparrow["lossless_videos"] == eagle["lossless_videos"] == 2 and sparrow["videos"] == 2
+    assert sparrow["videos"] == 2
     assert (sparrow["attend"], sparrow["window"], sparrow["glimpses"]) == ("window", 64, 16)
     assert sparrow["glimpse_layer"] == 2 and eagle["glimpse_layer"] is None and eagle["window"] is None
     assert sparrow["mtp_steps"] == 5 and 1 <= sparrow["mean_accepted_length"] <= 6
     md = acceptance.table(rows)
-    assert "| glimpse layer |" in md and "| sparrow | window | 64 | 16 | 2 | 5 |" in md
+    assert "| glimpse layer |" in md and "| sparrow | window | 64 | 16 | 2 | 5 |" in md and "| 3+1/10/01 | 6 |" in md
     acceptance.write(rows, cfg, tmp_path / "acc.json")
     assert json.loads((tmp_path / "acc.json").read_text())[0]["config"]["videos"] == 2
 

@@ -13,6 +13,7 @@ from sparrow.speculative import (TokenTree, accept_greedy, accept_sampled, draft
                                  new_context)
 from sparrow.target import Target
 from sparrow.train_draft import make_batch, mtp_loss, rollout_logits
+from sparrow.tree_spec import spec_key
 
 PROMPT = "describe the video ."
 LAYERS = (1, 2, 3)  # the tiny targets have 3 decoder layers
@@ -195,6 +196,23 @@ def test_token_tree_shapes():
     assert tree.mask()[3].tolist() == [True, True, False, True, False]
     with pytest.raises(ValueError, match="no parent"):
         TokenTree.from_paths([(0, 0)])
+
+
+def test_tree_specs_name_chains_spines_and_branches():
+    assert TokenTree.static(4) == TokenTree.chain(4) == TokenTree.static("4")
+    assert TokenTree.chain(4).parents == (-1, 0, 1, 2, 3) and TokenTree.chain(4).ranks == (0,) * 5
+    assert TokenTree.static(3, 2) == TokenTree.spine(3, 2)
+    tree = TokenTree.static("3+1/10/01")  # root, (0), (1), (0,0), (0,1), (1,0), (0,0,0)
+    assert tree == TokenTree.from_paths([(0,), (0, 0), (0, 0, 0), (1,), (1, 0), (0, 1)])
+    assert tree.parents == (-1, 0, 0, 1, 1, 2, 3) and tree.ranks == (0, 0, 1, 0, 1, 0, 0)
+    assert TokenTree.static("2+1", 2) == TokenTree.spine(2, 2)  # a branch the spine holds already
+    assert spec_key("7") == 7 and spec_key(" 7+1/01 ") == "7+1/01"
+    for spec, match in [("0", "at least 1"), ("x", "expected K"), ("3+", "no branches"), ("3+1/a", "'a' is not"),
+                        ("2+0001", "hangs off 000"), ("2+11", "hangs off 1,")]:
+        with pytest.raises(ValueError, match=match):
+            TokenTree.static(spec)
+    with pytest.raises(ValueError, match="width must be at least 1"):
+        TokenTree.static(3, 0)
 
 
 def test_accept_greedy_walks_the_target_argmax():
