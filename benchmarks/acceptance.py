@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sparrow.tree_spec import spec_key
+from sparrow.tree_spec import spec_keys
 
 from .runtime import write_rows
 from .speedup import bench_videos
@@ -36,8 +36,7 @@ class AcceptanceBenchConfig:
         if not self.drafts:
             raise ValueError("name at least one draft")
         self.drafts = {str(name): str(path) for name, path in dict(self.drafts).items()}  # JSON-ready, Paths too
-        specs = (self.draft_len,) if isinstance(self.draft_len, (int, str)) else tuple(self.draft_len)
-        self.draft_len = tuple(spec_key(k) for k in specs)
+        self.draft_len = spec_keys(self.draft_len)
         if self.videos < 1 or not self.draft_len:
             raise ValueError("videos must be at least 1, and name at least one draft length")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparrow.tree_spec import spec_key
+from sparrow.tree_spec import spec_keys
 
 from .runtime import write_rows
 
@@ -48,8 +48,7 @@ class SpeedupBenchConfig:
 
     def __post_init__(self):
         self.visual_tokens, self.strategies = tuple(self.visual_tokens), tuple(self.strategies)
-        specs = (self.draft_len,) if isinstance(self.draft_len, (int, str)) else tuple(self.draft_len)
-        self.draft_len = tuple(spec_key(k, self.tree_width) for k in specs)
+        self.draft_len = spec_keys(self.draft_len, self.tree_width)
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"unknown strategies {bad}; choose from {STRATEGIES}")

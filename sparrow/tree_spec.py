@@ -49,3 +49,8 @@ def spec_key(spec: int | str, width: int = 1) -> int | str:
     tree_paths(spec, width)
     text = str(spec).strip()
     return int(text) if "+" not in text else text
+
+
+def spec_keys(specs: int | str | tuple | list, width: int = 1) -> tuple[int | str, ...]:
+    """One spec or several, each checked and in row form (`spec_key`)."""
+    return tuple(spec_key(k, width) for k in ((specs,) if isinstance(specs, (int, str)) else specs))

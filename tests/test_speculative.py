@@ -13,7 +13,7 @@ from sparrow.speculative import (TokenTree, accept_greedy, accept_sampled, draft
                                  new_context)
 from sparrow.target import Target
 from sparrow.train_draft import make_batch, mtp_loss, rollout_logits
-from sparrow.tree_spec import spec_key
+from sparrow.tree_spec import spec_key, spec_keys
 
 PROMPT = "describe the video ."
 LAYERS = (1, 2, 3)  # the tiny targets have 3 decoder layers
@@ -207,6 +207,7 @@ def test_tree_specs_name_chains_spines_and_branches():
     assert tree.parents == (-1, 0, 0, 1, 1, 2, 3) and tree.ranks == (0, 0, 1, 0, 1, 0, 0)
     assert TokenTree.static("2+1", 2) == TokenTree.spine(2, 2)  # a branch the spine holds already
     assert spec_key("7") == 7 and spec_key(" 7+1/01 ") == "7+1/01"
+    assert spec_keys("5") == (5,) and spec_keys([5, "4+1"]) == (5, "4+1")
     for spec, match in [("0", "at least 1"), ("x", "expected K"), ("3+", "no branches"), ("3+1/a", "'a' is not"),
                         ("2+0001", "hangs off 000"), ("2+11", "hangs off 1,")]:
         with pytest.raises(ValueError, match=match):
