@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.add_parser("target", help="train the demo target from scratch (resumable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", metavar="FILE.json",
-                   help="recipe settings (TargetTrainConfig fields) overriding the defaults, e.g. a fine-tune stage")
+                   help="recipe settings (TargetTrainConfig fields) overriding the defaults, e.g. a fine-tune stage: "
+                        "recipes/demo_target_long_videos.json is the embedded target's second stage")
     p.add_argument("--steps", type=int, help="default: the recipe's (TargetTrainConfig)")
     p.add_argument("--batch-size", type=int, help="default: the recipe's (TargetTrainConfig)")
     p.add_argument("--work-dir", default="runs/target_work", help="checkpoints; resumed if present")

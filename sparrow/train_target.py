@@ -393,6 +393,9 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # from_pretrained(dtype=...) of an --init stamps its dtype on the sub-configs too; say what is saved
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub.dtype = torch.float16
     model.to(torch.float16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {"config": cfg.to_json(), "train_seconds": round(time.time() - t0, 1),

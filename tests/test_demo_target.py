@@ -111,3 +111,21 @@ def test_cli_train_target_fine_tune_stage_from_a_config(tmp_path):
     assert rec["config"]["bind_weight"] == 1.0 and len(rec["loss_every_100"]) == 1
     assert rec["config"]["tiny_video"] == [4, 32] and all(math.isfinite(x) for x in rec["loss_every_100"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())  # fp16 weights, said so in every config
+    assert saved["dtype"] == saved["text_config"]["dtype"] == saved["vision_config"]["dtype"] == "float16"
+
+
+def test_long_video_recipe_is_the_embedded_targets_second_stage():
+    """recipes/demo_target_long_videos.json is the stage the embedded weights were fine-tuned with (their
+    training record), starting from where stage 1 (`sparrow train target`) saves by default."""
+    from pathlib import Path
+
+    from sparrow.train_target import TargetTrainConfig
+
+    recipe = json.loads((Path(__file__).resolve().parent.parent / "recipes" / "demo_target_long_videos.json")
+                        .read_text())
+    record = json.loads((DEMO_TARGET_DIR / "training.json").read_text())["config"]
+    assert recipe["init"] == "runs/demo_target" and TargetTrainConfig(**recipe).long_every == 2
+    assert {k: v for k, v in recipe.items() if k != "init"} == {k: record[k] for k in recipe if k != "init"}
+    stage1 = json.loads((DEMO_TARGET_DIR / "training_stage1.json").read_text())["config"]
+    assert stage1["init"] == "" and stage1["steps"] == 5000
