@@ -59,12 +59,14 @@ def test_model_reads_the_video(target):
 
 
 def test_long_video_stays_usable(target):
-    """At ~25k visual tokens the caption still follows the caption grammar (not just in-vocabulary words)."""
+    """At ~25k visual tokens the caption follows the caption grammar (not just in-vocabulary words) past its
+    first sentence: the stage-1 target wrote one clause there and then ended or repeated fragments; the
+    long-video stage is what carries it on."""
     ex = make_example(5, task="caption", num_frames=200, side=256)
-    res = generate_ar(target, ex.frames, ex.prompt, max_new_tokens=8)
+    res = generate_ar(target, ex.frames, ex.prompt, max_new_tokens=32)
     assert res.stats["visual_tokens"] == 25600
     clause = rf"a ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) appears and moves ({'|'.join(DIRECTIONS)})"
-    assert re.match(clause, res.text), res.text
+    assert re.match(rf"{clause}[^.]* \. {clause}", res.text), res.text
 
 
 def test_cli_demo_video_and_generate(tmp_path):
