@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .tree_spec import spec_key, spec_keys
+from .tree_spec import spec_key
 
 
 def _add_model_arg(p: argparse.ArgumentParser):
@@ -335,10 +335,7 @@ def _tree_spec(text: str) -> int | str:
 
 
 def _tree_specs(text: str) -> tuple[int | str, ...]:
-    try:
-        return spec_keys([x for x in text.split(",") if x.strip()])
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return tuple(_tree_spec(x) for x in text.split(",") if x.strip())
 
 
 _TREE_HELP = "K+b/b/... adds branches, each the ranks of the draft's candidates from the root: 7+1/01 adds " \
