@@ -103,15 +103,26 @@ def _load_draft(path: str | None, target, strategy: str):
 
 def cmd_eval_target(a):
     from .demo.model import DEMO_TARGET_DIR
-    from .evaluate import eval_binding, eval_target, trained_with_echo
+    from .demo.world import frames_for_visual_tokens
+    from .evaluate import eval_binding, eval_captions, eval_target, trained_with_echo
 
+    if a.videos < 1 or a.binding < 0 or a.captions < 0:
+        sys.exit(f"error: --videos must be >= 1 and --binding, --captions >= 0, got {a.videos}, {a.binding}, "
+                 f"{a.captions}")
+    try:
+        frames_for_visual_tokens(a.caption_visual_tokens)  # before minutes of question answering
+    except ValueError as e:
+        sys.exit(f"error: --caption-visual-tokens: {e}")
     target = _load_target(a.model)
     echo = trained_with_echo(a.model or DEMO_TARGET_DIR)
     res = eval_target(target.model, target.tokenizer, videos=a.videos, seed=a.seed, echo=echo)
     bind = (eval_binding(target.model, target.tokenizer, videos=a.binding, seed=a.seed, echo=echo)
             if a.binding else None)
+    caps = (eval_captions(target.model, target.tokenizer, videos=a.captions, visual_tokens=a.caption_visual_tokens,
+                          seed=a.seed) if a.captions else None)
     if a.json:
-        print(json.dumps({**res.to_json(), **({"binding": bind.to_json()} if bind else {})}))
+        print(json.dumps({**res.to_json(), **({"binding": bind.to_json()} if bind else {}),
+                          **({"captions": caps.to_json()} if caps else {})}))
         return
     print(f"videos: {res.videos}\nanswer accuracy: {res.accuracy:.1%} (bar: >= 90%)\n"
           f"blank-frame accuracy: {res.blank_accuracy:.1%} (bar: < 40%)")
@@ -120,6 +131,9 @@ def cmd_eval_target(a):
     if bind:
         print(f"binding: asked the colour of each shape of {bind.videos} videos of 2+ shapes, the answer changed "
               f"with the asked shape in {bind.changed}; {bind.accuracy:.1%} right")
+    if caps:
+        print(f"captions at {caps.visual_tokens} visual tokens ({caps.videos} videos): {caps.prefix_share:.1%} of the "
+              f"ground truth's words matched from the start, {caps.exact:.1%} exact")
 
 
 def cmd_generate(a):
@@ -377,12 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo_video)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
-    p = train.add_parser("target", help="train the demo target from scratch (resumable)")
+    p = train.add_parser("target", help="train the demo target from scratch, then on long videos (resumable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", metavar="FILE.json",
-                   help="recipe settings (TargetTrainConfig fields) overriding the defaults, e.g. a fine-tune stage: "
-                        "recipes/demo_target_long_videos.json is the embedded target's second stage")
-    p.add_argument("--steps", type=int, help="default: the recipe's (TargetTrainConfig)")
+                   help="recipe settings (TargetTrainConfig fields) overriding the defaults, e.g. "
+                        '{"init": DIR} for a fine-tune, {"long_stage": null} to stop after the first stage')
+    p.add_argument("--steps", type=int, help="the first stage's steps (default: the recipe's, TargetTrainConfig)")
     p.add_argument("--batch-size", type=int, help="default: the recipe's (TargetTrainConfig)")
     p.add_argument("--work-dir", default="runs/target_work", help="checkpoints; resumed if present")
     p.add_argument("--out", default="runs/demo_target", help="where the fp16 model is saved")
@@ -423,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binding", type=int, default=0, metavar="N",
                    help="also ask the colour of every shape of the first N videos (those of 2+ shapes) and count "
                         "the videos whose answer changes with the asked shape")
+    p.add_argument("--captions", type=int, default=0, metavar="N",
+                   help="also caption N long videos (--caption-visual-tokens) and compare them with the ground truth")
+    p.add_argument("--caption-visual-tokens", type=int, default=25600, metavar="T")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval_target)
 

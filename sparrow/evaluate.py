@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from .demo.data import DEFAULT_FRAMES, DEFAULT_SIDE, make_example
 from .demo.text import attribute_index, questions
-from .demo.world import make_scene
+from .demo.world import frames_for_visual_tokens, make_scene
 from .processing import VisionSpec, build_batch
 
 EVAL_SEED_BASE = 2_000_000_000  # training draws seeds below 1e9, so these videos are never trained on
@@ -98,3 +98,33 @@ def eval_binding(model, tokenizer, videos: int = 80, seed: int = 0, num_frames: 
         hits += sum(g == q.answer for g, q in zip(got, qs))
         asked += len(qs)
     return BindingResult(multi, changed, hits / max(asked, 1))
+
+
+@dataclass
+class CaptionResult:
+    """Captions of long videos against the ground truth, word by word from the start: a target that never
+    saw long videos wrote a first clause there and then repeated fragments, which no short-video
+    question shows."""
+    videos: int
+    visual_tokens: int
+    prefix_share: float  # mean share of the ground-truth caption's words matched before the first difference
+    exact: float  # share of captions equal to the ground truth
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def eval_captions(model, tokenizer, videos: int = 8, visual_tokens: int = 25600, seed: int = 0,
+                  progress: bool = True) -> CaptionResult:
+    spec = VisionSpec.from_config(model.config.vision_config)
+    model.eval()
+    frames, side = frames_for_visual_tokens(visual_tokens)
+    shares, exact = [], 0
+    for i in tqdm(range(videos), desc=f"eval captions at {visual_tokens} visual tokens", disable=not progress):
+        ex = make_example(eval_seed(seed, i), task="caption", num_frames=frames, side=side)
+        want = ex.answer.split()
+        got = answer(model, tokenizer, spec, ex.frames, ex.prompt, max_new_tokens=len(want) + 8).split()
+        same = next((j for j, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        shares.append(same / len(want))
+        exact += got == want
+    return CaptionResult(videos, visual_tokens, sum(shares) / videos, exact / videos)

@@ -12,7 +12,7 @@ from sparrow.demo.data import make_example
 from sparrow.demo.model import DEMO_TARGET_DIR
 from sparrow.demo.text import attribute_index
 from sparrow.demo.world import COLOURS, DIRECTIONS, KINDS
-from sparrow.evaluate import eval_target, trained_with_echo
+from sparrow.evaluate import eval_seed, eval_target, trained_with_echo
 from sparrow.generate import generate_ar
 from sparrow.processing import build_batch
 from sparrow.target import Target
@@ -69,6 +69,32 @@ def test_long_video_stays_usable(target):
     assert re.match(rf"{clause}[^.]* \. {clause}", res.text), res.text
 
 
+def test_caption_eval_scores_captions_word_by_word_from_the_start(target):
+    """At 1,024 visual tokens the target's captions are right (held to `generate` and the ground truth here);
+    the CLI names a video size it cannot make before any answering."""
+    from sparrow.demo.world import frames_for_visual_tokens
+    from sparrow.evaluate import answer, eval_captions
+
+    res = eval_captions(target.model, target.tokenizer, videos=3, visual_tokens=1024, seed=4, progress=False)
+    frames, side = frames_for_visual_tokens(1024)
+    shares = []
+    for i in range(3):
+        ex = make_example(eval_seed(4, i), task="caption", num_frames=frames, side=side)
+        got = answer(target.model, target.tokenizer, target.spec, ex.frames, ex.prompt, 40).split()
+        want = ex.answer.split()
+        same = 0
+        while same < min(len(got), len(want)) and got[same] == want[same]:
+            same += 1
+        shares.append(same / len(want))
+    assert res.prefix_share == pytest.approx(sum(shares) / 3) and res.prefix_share >= 0.6, res
+    err = subprocess.run([sys.executable, "-m", "sparrow.cli", "eval", "target", "--captions", "2",
+                          "--caption-visual-tokens", "4"], capture_output=True, text=True, timeout=60)
+    assert err.returncode != 0 and "--caption-visual-tokens" in err.stderr and "at least 16" in err.stderr
+    err = subprocess.run([sys.executable, "-m", "sparrow.cli", "eval", "target", "--videos", "0"], capture_output=True,
+                         text=True, timeout=60)
+    assert err.returncode != 0 and "--videos must be >= 1" in err.stderr
+
+
 def test_cli_demo_video_and_generate(tmp_path):
     video = tmp_path / "v.mp4"
     cli = [sys.executable, "-m", "sparrow.cli"]
@@ -104,9 +130,9 @@ def test_cli_train_target_fine_tune_stage_from_a_config(tmp_path):
     err = subprocess.run(cli + ["--config", str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert err.returncode != 0 and "bind_wieght" in err.stderr
     cfg = tmp_path / "stage.json"
-    cfg.write_text(json.dumps({"init": str(DEMO_TARGET_DIR), "steps": 2, "batch_size": 2, "easy_steps": 0,
-                               "long_every": 0, "warmup": 1, "lr": 1e-5, "bind_weight": 1.0, "eval_videos": 2,
-                               "shape_share": 0.5, "tiny_steps": 1, "tiny_video": [4, 32]}))
+    cfg.write_text(json.dumps({"init": str(DEMO_TARGET_DIR), "long_stage": None, "steps": 2, "batch_size": 2,
+                               "easy_steps": 0, "long_every": 0, "warmup": 1, "lr": 1e-5, "bind_weight": 1.0,
+                               "eval_videos": 2, "shape_share": 0.5, "tiny_steps": 1, "tiny_video": [4, 32]}))
     out = subprocess.run(cli + ["--config", str(cfg), "--out", str(tmp_path / "out"), "--json"], check=True,
                          capture_output=True, text=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,17 +143,57 @@ def test_cli_train_target_fine_tune_stage_from_a_config(tmp_path):
     assert saved["dtype"] == saved["text_config"]["dtype"] == saved["vision_config"]["dtype"] == "float16"
 
 
-def test_long_video_recipe_is_the_embedded_targets_second_stage():
-    """recipes/demo_target_long_videos.json is the stage the embedded weights were fine-tuned with (their
-    training record), starting from where stage 1 (`sparrow train target`) saves by default."""
-    from pathlib import Path
+def test_default_recipe_is_the_embedded_targets_two_stages():
+    """`sparrow train target` at its defaults runs the two stages the embedded weights were made with (their
+    records; they ran as two commands before the long-video stage was folded in). Stage 1 evaluated every
+    500 steps, the default now every 1,000: evaluation reads the model and changes no weight."""
+    from dataclasses import replace
 
     from sparrow.train_target import TargetTrainConfig
 
-    recipe = json.loads((Path(__file__).resolve().parent.parent / "recipes" / "demo_target_long_videos.json")
-                        .read_text())
-    record = json.loads((DEMO_TARGET_DIR / "training.json").read_text())["config"]
-    assert recipe["init"] == "runs/demo_target" and TargetTrainConfig(**recipe).long_every == 2
-    assert {k: v for k, v in recipe.items() if k != "init"} == {k: record[k] for k in recipe if k != "init"}
+    default = TargetTrainConfig()
+    first = replace(default, long_stage=None)
     stage1 = json.loads((DEMO_TARGET_DIR / "training_stage1.json").read_text())["config"]
-    assert stage1["init"] == "" and stage1["steps"] == 5000
+    want = json.loads(json.dumps({k: v for k, v in first.to_json().items() if k != "long_stage"}))
+    assert {k for k in want if want[k] != stage1[k]} == {"eval_every"} and set(want) == set(stage1)
+    stage2 = json.loads((DEMO_TARGET_DIR / "training.json").read_text())["config"]
+    long = json.loads(json.dumps(default.long_stage.config(first, init="runs/x/stage1").to_json()))
+    assert long.pop("long_stage") is None and long.pop("init") == "runs/x/stage1"
+    assert long == {k: v for k, v in stage2.items() if k != "init"} and long["steps"] == 60
+
+
+def test_long_stage_settings_are_validated_and_round_trip():
+    from sparrow.train_target import LongVideoStage, TargetTrainConfig
+
+    cfg = TargetTrainConfig(long_stage=LongVideoStage(steps=7, long_videos=((8, 64),)))
+    assert TargetTrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert TargetTrainConfig.from_json({"long_stage": None}).long_stage is None
+    with pytest.raises(ValueError, match="long_stage setting.*stpes"):
+        TargetTrainConfig.from_json({"long_stage": {"stpes": 3}})
+    with pytest.raises(ValueError, match="long_stage needs"):
+        LongVideoStage(long_every=0)
+
+
+def test_cli_train_target_runs_both_stages_in_one_command_and_resumes(tmp_path):
+    """The long-video stage starts from the first stage's saved model, in the same command; the record keeps
+    both stages; a second call finds both finished and trains nothing."""
+    cli = [sys.executable, "-m", "sparrow.cli", "train", "target", "--work-dir", str(tmp_path / "work"),
+           "--out", str(tmp_path / "out"), "--json"]
+    recipe = tmp_path / "tiny.json"
+    tiny_stage = {"steps": 2, "warmup": 1, "long_videos": [[4, 32]]}
+    recipe.write_text(json.dumps({"steps": 3, "batch_size": 2, "easy_steps": 1, "copy_steps": 1, "warmup": 1,
+                                  "eval_videos": 2, "long_stage": tiny_stage}))
+    run = subprocess.run(cli + ["--config", str(recipe)], check=True, capture_output=True, text=True)
+    rec = json.loads(run.stdout.strip().splitlines()[-1])
+    first, last = rec["stages"]
+    assert first["config"]["steps"] == 3 and first["config"]["long_stage"] is None
+    assert last["config"]["init"] == str(tmp_path / "work" / "stage1") and last["config"]["long_videos"] == [[4, 32]]
+    assert last["config"]["aux_weight"] == 0.0 and last["config"]["copy_steps"] == 0
+    assert rec["config"]["long_stage"]["steps"] == 2 and "long videos" in run.stderr
+    assert rec["train_seconds"] == pytest.approx(first["train_seconds"] + last["train_seconds"], abs=0.11)
+    assert json.loads((tmp_path / "out" / "training.json").read_text()) == rec
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "work" / "stage1" / "model.safetensors").is_file()
+    again = subprocess.run(cli + ["--config", str(recipe)], check=True, capture_output=True, text=True)
+    assert "resuming from step 3" in again.stdout and "resuming from step 2" in again.stdout
+    assert json.loads(again.stdout.strip().splitlines()[-1])["stages"][0]["final_loss"] == first["final_loss"]
