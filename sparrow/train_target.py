@@ -148,25 +148,25 @@ class TargetTrainConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "TargetTrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown target training setting(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
+        d = _settings(cls, d, "target training")
         if "frames" in d:
             d["frames"] = tuple(d["frames"])
         if "tiny_video" in d:
             d["tiny_video"] = tuple(d["tiny_video"])
-        if "long_videos" in d:
-            d["long_videos"] = tuple(tuple(v) for v in d["long_videos"])
         if d.get("long_stage") is not None:
-            stage = dict(d["long_stage"])
-            unknown = set(stage) - {f.name for f in fields(LongVideoStage)}
-            if unknown:
-                raise ValueError(f"unknown long_stage setting(s): {', '.join(sorted(unknown))}")
-            if "long_videos" in stage:
-                stage["long_videos"] = tuple(tuple(v) for v in stage["long_videos"])
-            d["long_stage"] = LongVideoStage(**stage)
+            d["long_stage"] = LongVideoStage(**_settings(LongVideoStage, d["long_stage"], "long_stage"))
         return cls(**d)
+
+
+def _settings(cls, d: dict, what: str) -> dict:
+    """JSON settings of a config dataclass: unknown names refused, `long_videos` back to the tuples it holds."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
+    d = dict(d)
+    if "long_videos" in d:
+        d["long_videos"] = tuple(tuple(v) for v in d["long_videos"])
+    return d
 
 
 def _example_seed(cfg: TargetTrainConfig, step: int, j: int) -> int:
@@ -354,10 +354,10 @@ def train_target(cfg: TargetTrainConfig, work_dir: str | Path, out_dir: str | Pa
     """
     if cfg.long_stage is None:
         return _train_stage(cfg, work_dir, out_dir)
-    first = replace(cfg, long_stage=None)
-    first_rec = _train_stage(first, work_dir, Path(work_dir) / "stage1")  # a finished stage only re-saves
-    last_rec = _train_stage(cfg.long_stage.config(first, str(Path(work_dir) / "stage1")),
-                            Path(work_dir) / "long_stage", out_dir, desc="train target, long videos")
+    first, first_out = replace(cfg, long_stage=None), Path(work_dir) / "stage1"
+    first_rec = _train_stage(first, work_dir, first_out)  # a finished stage only re-saves
+    last_rec = _train_stage(cfg.long_stage.config(first, str(first_out)), Path(work_dir) / "long_stage", out_dir,
+                            desc="train target, long videos")
     seconds = round(first_rec["train_seconds"] + last_rec["train_seconds"], 1)
     record = {"config": cfg.to_json(), "train_seconds": seconds, "final_loss": last_rec["final_loss"],
               "stages": [first_rec, last_rec]}
